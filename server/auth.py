@@ -1,0 +1,150 @@
+"""API keys → principals (tenant, user, scopes).
+
+Keys are random 256-bit secrets; only their SHA-256 is stored (a slow password hash
+buys nothing for secrets of that entropy and would cost every request). The file is
+re-read when it changes, so `enclave keys create|revoke` take effect on a running server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from server.errors import AuthenticationError, ConfigError, PermissionDeniedError
+
+KEY_PREFIX = "sk-enclave-"
+ALL_SCOPES = "*"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    user: str
+    scopes: tuple[str, ...]
+    key_id: str | None = None
+
+    def allows(self, scope: str) -> bool:
+        return ALL_SCOPES in self.scopes or scope in self.scopes
+
+
+# Who is calling when the deployment has no keys (loopback only, or --insecure).
+ANONYMOUS = Principal(tenant="default", user="local", scopes=(ALL_SCOPES,))
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._by_hash: dict[str, dict[str, Any]] = {}
+
+    # -- reading
+
+    def _records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text() or "{}")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"keys file {self.path} is not valid JSON: {exc}") from None
+        return list(data.get("keys", []))
+
+    def _refresh(self) -> None:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            self._by_hash = {r["hash"]: r for r in self._records() if not r.get("revoked")}
+            self._stamp = stamp
+
+    @property
+    def enabled(self) -> bool:
+        self._refresh()
+        return bool(self._by_hash)
+
+    def authenticate(self, secret: str) -> Principal | None:
+        self._refresh()
+        record = self._by_hash.get(_digest(secret))
+        if record is None:
+            return None
+        return Principal(tenant=record["tenant"], user=record["user"], scopes=tuple(record["scopes"]), key_id=record["id"])
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "hash"} for r in self._records()]
+
+    # -- writing (the CLI)
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"keys": records}, fh, indent=2)
+        os.replace(tmp, self.path)
+
+    def create(self, tenant: str, user: str, scopes: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+        """Add a key; the secret is returned once and never stored."""
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        record = {
+            "id": "key_" + secrets.token_hex(6),
+            "hash": _digest(secret),
+            "prefix": secret[: len(KEY_PREFIX) + 4],
+            "tenant": tenant,
+            "user": user,
+            "scopes": scopes or [ALL_SCOPES],
+            "created_at": int(time.time()),
+        }
+        with self._lock:
+            self._write(self._records() + [record])
+        return secret, {k: v for k, v in record.items() if k != "hash"}
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock:
+            records = self._records()
+            hit = [r for r in records if r["id"] == key_id and not r.get("revoked")]
+            for r in hit:
+                r["revoked"] = int(time.time())
+            if hit:
+                self._write(records)
+        return bool(hit)
+
+
+def require_scope(scope: str | None = None):
+    """FastAPI dependency: the caller's Principal, or 401/403 in OpenAI's shape."""
+
+    async def dependency(request: Request) -> Principal:
+        store: KeyStore = request.app.state.keys
+        if not store.enabled:
+            return ANONYMOUS
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+            )
+        principal = store.authenticate(secret.strip())
+        if principal is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        if scope is not None and not principal.allows(scope):
+            raise PermissionDeniedError(f"this API key lacks the '{scope}' scope")
+        request.state.principal = principal
+        return principal
+
+    return dependency

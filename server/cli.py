@@ -1,0 +1,134 @@
+"""enclave serve | models prepare|path|list | keys create|list|revoke"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.errors import ConfigError
+
+log = logging.getLogger("enclave")
+
+
+def _settings(args: argparse.Namespace):
+    from server.config import load_settings
+
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "model", "data_dir")}
+    if getattr(args, "insecure", False):
+        overrides["insecure"] = True
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    _logging(settings.log_level)
+    from server.auth import KeyStore
+
+    keys = KeyStore(settings.resolved_keys_file)
+    if not keys.enabled:
+        if not settings.is_loopback and not settings.insecure:
+            raise ConfigError(
+                f"refusing to listen on {settings.host} without API keys: anyone who can reach it could use it. "
+                "Create a key with `enclave keys create --tenant T --user U`, or pass --insecure to accept the risk."
+            )
+        log.warning("no API keys configured (%s): authentication is off%s", settings.resolved_keys_file,
+                    "" if settings.is_loopback else "; --insecure: listening beyond loopback")
+    app = create_app(settings)
+    log.info("listening on http://%s:%d/v1 (model %s loads in the background; GET /ready)", settings.host, settings.port, settings.model)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from server.checkpoints import checkpoint_dir, prepare, verify
+    from server.profiles import find_profile, load_profiles
+
+    settings = _settings(args)
+    if args.action == "list":
+        for profile in load_profiles(settings.profiles_dir).values():
+            print(f"{profile.name}\t{profile.tier}\t{profile.device}\t{', '.join(profile.aliases)}")
+        return 0
+    profile = find_profile(settings.profiles_dir, args.name or settings.model)
+    if args.action == "path":
+        print(checkpoint_dir(profile, settings.models_dir))
+        return 0
+    if args.action == "verify":
+        print(verify(profile, settings.models_dir))
+        return 0
+    _logging("info")
+    print(prepare(profile, settings.models_dir, force=args.force))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from server.auth import KeyStore
+
+    settings = _settings(args)
+    store = KeyStore(settings.resolved_keys_file)
+    if args.action == "create":
+        if not args.tenant or not args.user:
+            raise ConfigError("keys create needs --tenant and --user")
+        secret, record = store.create(args.tenant, args.user, args.scope)
+        print(json.dumps({**record, "key": secret}, indent=2))
+        print("Store the key now: it is not shown again.", file=sys.stderr)
+    elif args.action == "list":
+        print(json.dumps(store.list(), indent=2))
+    elif args.action == "revoke":
+        if not store.revoke(args.key_id or ""):
+            raise ConfigError(f"no active key with id {args.key_id!r}")
+        print(f"revoked {args.key_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enclave", description="Self-hosted OpenAI-compatible assistant server.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML settings file (keys as in ENCLAVE_* without the prefix)")
+    common.add_argument("--data-dir", type=Path, help="state directory (ENCLAVE_DATA_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="start the API server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="model profile name or alias")
+    serve.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without API keys")
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", parents=[common], help="model profiles and checkpoints")
+    models.add_argument("action", choices=["prepare", "path", "verify", "list"])
+    models.add_argument("name", nargs="?", help="profile name or alias (default: the configured model)")
+    models.add_argument("--force", action="store_true", help="prepare again even if a valid checkpoint exists")
+    models.set_defaults(func=cmd_models)
+
+    keys = sub.add_parser("keys", parents=[common], help="API keys")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="key id, for revoke")
+    keys.add_argument("--tenant")
+    keys.add_argument("--user")
+    keys.add_argument("--scope", action="append", help="repeatable; default: all scopes (*)")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"enclave: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # vLLM spawns its engine core: the guard keeps the child from re-running main
+    sys.exit(main())

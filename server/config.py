@@ -1,0 +1,104 @@
+"""The one typed Settings object: defaults < YAML file < ENCLAVE_* variables < CLI flags."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from server.errors import ConfigError
+
+# The repository's own models/ directory: profiles ship with the code.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCLAVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # All state (keys, later conversations, vectors) lives here; tests throw it away.
+    data_dir: Path = Path("data")
+    # Prepared checkpoints live apart from the data so a fresh data dir costs no re-prepare.
+    models_dir: Path = Path("~/.cache/enclave/models")
+    profiles_dir: Path = PROJECT_ROOT / "models"
+    model: str = "smollm2-135m-instruct"
+    # Directory of a sentence-transformers model; empty means the packaged all-MiniLM-L6-v2.
+    embedding_model_path: Path | None = None
+    embedding_model_name: str = "all-MiniLM-L6-v2"
+    max_embedding_inputs: int = Field(2048, ge=1)
+    # Defaults to <data_dir>/keys.json; no file (or an empty one) means auth is off.
+    keys_file: Path | None = None
+    # Allow binding beyond loopback without API keys (the operator takes the risk).
+    insecure: bool = False
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Extra engine arguments that override the profile's (e.g. {"max_num_seqs": 32}).
+    engine_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def resolved_keys_file(self) -> Path:
+        return self.keys_file or self.data_dir / "keys.json"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings; a wrong value raises ConfigError naming the key to fix."""
+    file_data = _read_yaml(config_file) if config_file else {}
+
+    class _Settings(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+            return (init_settings, env_settings, _YamlSource(settings_cls, file_data))
+
+    try:
+        values = _Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'} "
+            f"(ENCLAVE_{str(err['loc'][0]).upper() if err['loc'] else ''}): {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    return Settings.model_construct(**values.model_dump())

@@ -1,0 +1,340 @@
+"""OpenAI wire format: request and response models, error body, streaming chunks.
+
+Fields follow OpenAI's order and names. Requests accept unknown fields (clients send
+new ones before we know them) and log what was ignored. Our own and vLLM-compatible
+extensions sit in one marked block per model. Requests turn themselves into engine
+GenerationParams, so the serving layer holds no field-by-field mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.engine.base import GenerationParams, TokenLogprob
+from server.errors import ContextLengthExceededError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+# Depth-limited "any JSON object" for response_format json_object. Outlines compiles JSON
+# schemas to regular automata; an unbounded recursive object does not finish compiling,
+# nesting two levels deep compiles in well under a second. Deeper shapes: use json_schema.
+_PRIMITIVES: list[dict[str, Any]] = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+_NESTED_VALUE = {"anyOf": _PRIMITIVES + [{"type": "array", "items": {"anyOf": _PRIMITIVES}}, {"type": "object", "additionalProperties": {"anyOf": _PRIMITIVES}}]}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "additionalProperties": _NESTED_VALUE}
+
+
+class OpenAIModel(BaseModel):
+    """Base for requests: unknown fields are kept, logged once per request, not used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored(self) -> "OpenAIModel":
+        if self.model_extra:
+            log.info("ignored request fields: %s", ", ".join(sorted(self.model_extra)))
+        return self
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """Content as plain text; parts other than text are refused (text-only models)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    f"messages[{index}].content[{j}] is of type {part.get('type')!r}; this model accepts text parts only",
+                    param=f"messages.{index}.content.{j}",
+                    code="unsupported_content",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(OpenAIModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+
+    # --- extensions (vLLM-compatible sampling controls) ---
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages for the chat template. `developer` is the newer name of `system`."""
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise InvalidRequestError("tools are not supported by this server yet", param="tools", code="unsupported_parameter")
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(self.messages)
+        ]
+
+    def stop_list(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise InvalidRequestError("stop accepts at most 4 sequences", param="stop")
+        if any(not s for s in stops):
+            raise InvalidRequestError("stop sequences must not be empty", param="stop")
+        return tuple(stops)
+
+    def json_schema(self) -> dict[str, Any] | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JSON_OBJECT_SCHEMA
+        assert fmt.json_schema is not None
+        # OpenAI's default for a json_schema without a schema is "any JSON object".
+        return fmt.json_schema.schema_ or JSON_OBJECT_SCHEMA
+
+    def to_generation_params(self, prompt_tokens: int, max_model_len: int) -> GenerationParams:
+        """Validate the request against the context window and build engine parameters."""
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if prompt_tokens >= max_model_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {max_model_len} tokens. "
+                f"However, your messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        room = max_model_len - prompt_tokens
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if requested is not None and requested > room:
+            param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise ContextLengthExceededError(
+                f"{param} is too large: {requested}. This model's maximum context length is {max_model_len} tokens "
+                f"and your request has {prompt_tokens} input tokens ({requested} > {max_model_len} - {prompt_tokens}).",
+                param=param,
+            )
+        return GenerationParams(
+            max_tokens=requested if requested is not None else room,
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=self.stop_list(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            json_schema=self.json_schema(),
+        )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    def encoded(token: str) -> list[int]:
+        return list(token.encode("utf-8"))
+
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": encoded(e.token),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": encoded(t)} for t, lp in e.top],
+        }
+        for e in entries
+    ]
+
+
+def chunk_json(
+    completion_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """One `chat.completion.chunk`. Built as a dict, not a model: it is the hot path of
+    streaming, and the shape is fixed by OpenAI."""
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": {"content": logprobs_out(logprobs)} if logprobs is not None else None,
+        "finish_reason": finish_reason,
+    }
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(OpenAIModel):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------- models
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "enclave"
+
+    # --- extensions ---
+    root: str | None = None
+    max_model_len: int | None = None
+    kind: Literal["chat", "embedding"] = "chat"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

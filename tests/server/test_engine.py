@@ -1,0 +1,43 @@
+"""The vLLM adapter's conversions, without starting an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from server.config import load_settings
+from server.engine.base import GenerationParams
+from server.engine.vllm import VllmEngine, _logprobs, engine_arguments
+from server.profiles import find_profile
+from server.protocol import JSON_OBJECT_SCHEMA
+
+
+def test_engine_arguments_merge_profile_then_overrides():
+    profile = find_profile(load_settings().profiles_dir, "smollm2")
+    args = engine_arguments(profile, Path("/ckpt"), {"max_num_seqs": 4})
+    assert args["model"] == "/ckpt" and args["max_model_len"] == 8192 and args["dtype"] == "bfloat16"
+    assert args["enforce_eager"] is True and args["max_num_seqs"] == 4
+    assert args["structured_outputs_config"] == {"backend": "outlines"}
+
+
+def test_sampling_params_carry_every_field():
+    engine = VllmEngine.__new__(VllmEngine)
+    params = GenerationParams(max_tokens=7, n=2, temperature=0.5, top_p=0.9, top_k=5, seed=3, stop=("x",),
+                              presence_penalty=0.1, frequency_penalty=0.2, repetition_penalty=1.1, min_tokens=1,
+                              ignore_eos=True, logprobs=2, json_schema=JSON_OBJECT_SCHEMA)
+    sp = engine._sampling_params(params)
+    assert (sp.n, sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (2, 7, 0.5, 0.9, 5, 3)
+    assert sp.stop == ["x"] and sp.ignore_eos and sp.logprobs == 2 and sp.min_tokens == 1
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (0.1, 0.2, 1.1)
+    assert sp.structured_outputs.json == JSON_OBJECT_SCHEMA
+
+
+def test_logprobs_keep_top_k_in_rank_order_and_clamp_infinity():
+    lp = lambda v, rank, tok: SimpleNamespace(logprob=v, rank=rank, decoded_token=tok)
+    # The sampled token (9) ranks 5th: outside the top 2, so it is not among the alternatives.
+    entries = [{9: lp(-3.0, 5, "z"), 1: lp(-0.1, 1, "a"), 2: lp(float("-inf"), 2, "b")}]
+    [out] = _logprobs(entries, [9], 2)
+    assert out.token == "z" and out.logprob == -3.0
+    assert out.top == (("a", -0.1), ("b", -9999.0))
