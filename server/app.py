@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
+import signal
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -83,23 +86,34 @@ class Runtime:
         return self.embedder
 
     async def load(self) -> None:
-        """Load the embedder and the engine in threads, so /health answers meanwhile."""
+        """Load the embedder and the engine in a worker thread, so /health answers meanwhile.
+
+        One thread, one model after the other: importing transformers from two threads at
+        once races inside its lazy module loader. A failure stops the server (the process
+        exits non-zero) rather than leaving it up and useless.
+        """
+        try:
+            embedder, engine = await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:  # any failure here means the server cannot serve
+            self.load_error = f"loading failed: {exc}"
+            log.exception("loading the models failed; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.attach(engine, embedder)
+        # Everything loaded so far lives as long as the process: move it out of the
+        # collector's view, so full collections while serving stay short (vLLM does the same).
+        gc.collect()
+        gc.freeze()
+        log.info("ready: serving %s (max_model_len %d) and %s", engine.served_model, engine.max_model_len, embedder.name)
+
+    def _load_blocking(self) -> tuple[Embedder, Engine]:
         from server.engine.vllm import VllmEngine
 
         assert self.profile is not None and self.checkpoint is not None
         settings = self.settings
-        try:
-            embedder_dir = settings.embedding_model_path or packaged_model_dir()
-            embedder, engine = await asyncio.gather(
-                asyncio.to_thread(Embedder, embedder_dir, settings.embedding_model_name),
-                asyncio.to_thread(VllmEngine.load, self.profile, self.checkpoint, settings.engine_overrides),
-            )
-        except Exception as exc:  # any failure here means the server cannot serve
-            self.load_error = f"loading failed: {exc}"
-            log.exception("loading the models failed")
-            return
-        self.attach(engine, embedder)
-        log.info("ready: serving %s (max_model_len %d) and %s", engine.served_model, engine.max_model_len, embedder.name)
+        embedder = Embedder(settings.embedding_model_path or packaged_model_dir(), settings.embedding_model_name)
+        engine = VllmEngine.load(self.profile, self.checkpoint, settings.engine_overrides)
+        return embedder, engine
 
     async def close(self) -> None:
         if self._engine is not None:

@@ -47,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     log.info("listening on http://%s:%d/v1 (model %s loads in the background; GET /ready)", settings.host, settings.port, settings.model)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    load_error = app.state.runtime.load_error
+    if load_error:
+        print(f"enclave: error: {load_error}", file=sys.stderr)
+        return 1
     return 0
 
 

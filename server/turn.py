@@ -61,6 +61,12 @@ class ChatServing:
         self.served_names = served_names
         self.embedding_model = embedding_model
         self.model = engine.served_model
+        # Label children resolved once: the per-token path should not hash label dicts.
+        self._tokens_out = metrics.generation_tokens.labels(model=self.model)
+        self._tokens_in = metrics.prompt_tokens.labels(model=self.model)
+        self._running = metrics.running.labels(model=self.model)
+        self._ttft = metrics.ttft.labels(model=self.model)
+        self._e2e = metrics.e2e.labels(model=self.model)
 
     def prepare(self, request: ChatCompletionRequest, started: float) -> Turn:
         if request.model not in self.served_names:
@@ -79,18 +85,17 @@ class ChatServing:
         The first chunk is pulled before anything is sent to the client, so a request the
         engine rejects still gets a proper HTTP status instead of an error mid-stream.
         """
-        labels = {"model": self.model}
-        self.metrics.running.labels(**labels).inc()
-        self.metrics.prompt_tokens.labels(**labels).inc(len(turn.prompt_token_ids))
+        self._running.inc()
+        self._tokens_in.inc(len(turn.prompt_token_ids))
         stream = self.engine.generate(turn.request_id, turn.prompt_token_ids, turn.params)
         try:
             async for chunk in stream:
                 if chunk.token_ids:
                     if progress.first_token_at is None:
                         progress.first_token_at = time.perf_counter()
-                        self.metrics.ttft.labels(**labels).observe(progress.first_token_at - turn.started)
+                        self._ttft.observe(progress.first_token_at - turn.started)
                     progress.completion_tokens += len(chunk.token_ids)
-                    self.metrics.generation_tokens.labels(**labels).inc(len(chunk.token_ids))
+                    self._tokens_out.inc(len(chunk.token_ids))
                 if chunk.finish_reason == "error":
                     raise self._engine_failure(turn, progress)
                 if chunk.finish_reason is not None:
@@ -98,14 +103,14 @@ class ChatServing:
                     self.metrics.finished.labels(model=self.model, finish_reason=chunk.finish_reason).inc()
                 yield chunk
         finally:
-            self.metrics.running.labels(**labels).dec()
+            self._running.dec()
             if len(progress.finished) < turn.params.n:
                 # The client went away (or we failed): free the engine's slot now rather
                 # than letting it generate tokens nobody will read.
                 await self.engine.abort(turn.request_id)
                 self.metrics.aborted.labels(model=self.model, reason="client_disconnected").inc()
             else:
-                self.metrics.e2e.labels(**labels).observe(time.perf_counter() - turn.started)
+                self._e2e.observe(time.perf_counter() - turn.started)
             await stream.aclose()
 
     def _engine_failure(self, turn: Turn, progress: _Progress) -> EnclaveError:

@@ -102,3 +102,15 @@ def test_client_disconnect_mid_stream_aborts_generation(live_server):
         assert time.monotonic() - closed_at < 1.0, f"not aborted within 1 s (aborted={aborted}, unfinished={unfinished})"
         time.sleep(0.05)
     assert live_server.metric("enclave_requests_running") == 0
+
+
+def test_client_disconnect_without_stream_aborts_generation(live_server):
+    before = live_server.metric("enclave_requests_aborted_total", reason="client_disconnected")
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server.base_url}/chat/completions", json=body, headers=live_server.headers(), timeout=1.0)
+    closed_at = time.monotonic()
+    while live_server.metric("enclave_requests_aborted_total", reason="client_disconnected") != before + 1 \
+            or live_server.metric("enclave_engine_unfinished_requests") != 0:
+        assert time.monotonic() - closed_at < 1.0, "generation still running 1 s after the client left"
+        time.sleep(0.05)
