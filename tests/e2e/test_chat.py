@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 
 pytestmark = pytest.mark.e2e
