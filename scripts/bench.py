@@ -83,8 +83,12 @@ def stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except subprocess.TimeoutExpired:
+        # The engine core and workers share the group: kill them all, then reap.
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def run_benchmark(base_url: str, served: str, checkpoint: Path, concurrency: int, prompts: int, input_len: int, output_len: int, seed: int) -> dict:
