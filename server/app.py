@@ -19,13 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import KeyStore
 from server.checkpoints import verify
 from server.config import Settings
+from server.db import connect
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
 from server.errors import EnclaveError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.profiles import ModelProfile, find_profile
-from server.routes import chat, embeddings, health, models
+from server.routes import actions, chat, embeddings, health, models
 from server.telemetry.metrics import Metrics
+from server.toolcalls.executor import Executor
+from server.toolcalls.registry import Registry
 from server.turn import ChatServing
 
 log = logging.getLogger("enclave")
@@ -34,10 +37,11 @@ log = logging.getLogger("enclave")
 class Runtime:
     """What the routes reach through app.state.runtime; filled in as loading finishes."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, keys: KeyStore):
+    def __init__(self, settings: Settings, metrics: Metrics, keys: KeyStore, executor: Executor | None = None):
         self.settings = settings
         self.metrics = metrics
         self.keys = keys
+        self.executor = executor
         self.started = int(time.time())
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None
@@ -71,7 +75,9 @@ class Runtime:
     def attach(self, engine: Engine, embedder: Embedder | None) -> None:
         self._engine = engine
         self.embedder = embedder
-        self.chat = ChatServing(engine, self.metrics, self.served_names, self.embedding_name)
+        self.chat = ChatServing(
+            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps
+        )
         self.metrics.watch_engine(engine.num_unfinished_requests)
         self.metrics.ready.set(1 if self.ready else 0)
 
@@ -79,6 +85,11 @@ class Runtime:
         if self.chat is None:
             raise ServiceUnavailableError(self.load_error or "the model is still loading; retry shortly")
         return self.chat
+
+    def require_executor(self) -> Executor:
+        if self.executor is None:
+            raise ServiceUnavailableError("server-side tools are not enabled on this server")
+        return self.executor
 
     def require_embedder(self) -> Embedder:
         if self.embedder is None:
@@ -168,7 +179,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     """Build the app. Without `engine`, the profile's checkpoint is verified now (a missing
     or corrupt model fails here, before binding) and loaded in the background."""
     metrics = Metrics()
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file))
+    # Tool packs and the database open before binding: a bad pack name or database URL
+    # stops start-up with a message instead of failing the first request.
+    db = connect(settings.resolved_database_url)
+    executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
@@ -191,7 +206,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     app.state.runtime = runtime
     app.state.keys = runtime.keys
     install_error_handlers(app)
-    for router in (health.router, models.router, chat.router, embeddings.router):
+    for router in (health.router, models.router, chat.router, embeddings.router, actions.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

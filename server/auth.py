@@ -33,7 +33,11 @@ class Principal:
     key_id: str | None = None
 
     def allows(self, scope: str) -> bool:
-        return ALL_SCOPES in self.scopes or scope in self.scopes
+        if ALL_SCOPES in self.scopes or scope in self.scopes:
+            return True
+        # "tools:*" grants every "tools:<pack>" scope.
+        family = scope.split(":", 1)[0]
+        return ":" in scope and f"{family}:*" in self.scopes
 
 
 # Who is calling when the deployment has no keys (loopback only, or --insecure).

@@ -95,6 +95,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`demo reset`: re-seed the customer-support pack's demo database."""
+    import tools.support as support
+
+    settings = _settings(args)
+    support.setup(settings)
+    store = support._store()
+    store.reset()
+    print(f"support demo data re-seeded in {store.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enclave", description="Self-hosted OpenAI-compatible assistant server.")
     common = argparse.ArgumentParser(add_help=False)
@@ -122,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--user")
     keys.add_argument("--scope", action="append", help="repeatable; default: all scopes (*)")
     keys.set_defaults(func=cmd_keys)
+
+    demo = sub.add_parser("demo", parents=[common], help="demo data of the customer-support tool pack")
+    demo.add_argument("action", choices=["reset"])
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Extra engine arguments that override the profile's (e.g. {"max_num_seqs": 32}).
     engine_overrides: dict[str, Any] = Field(default_factory=dict)
+    # SQLAlchemy URL of the relational state; empty means <data_dir>/enclave.db (SQLite).
+    database_url: str | None = None
+    # Server-side tool packs (modules under tools/) this deployment enables.
+    tool_packs: list[str] = Field(default_factory=lambda: ["support"])
+    # Per-pack options, e.g. {"support": {"refund_limit": 200}}; each pack documents its own.
+    tool_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Model → tool → observation rounds per turn before the model must answer.
+    max_tool_steps: int = Field(5, ge=1, le=20)
+    # How long a destructive action waits for confirmation before it expires.
+    action_ttl_s: float = Field(900.0, gt=0)
 
     @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")
     @classmethod
@@ -48,6 +58,10 @@ class Settings(BaseSettings):
     @property
     def resolved_keys_file(self) -> Path:
         return self.keys_file or self.data_dir / "keys.json"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'enclave.db'}"
 
     @property
     def is_loopback(self) -> bool:

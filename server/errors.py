@@ -67,6 +67,14 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
 
+class ConflictError(EnclaveError):
+    """The resource is in a state that forbids the request (an action already cancelled)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class RequestTooLargeError(EnclaveError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -16,15 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.base import GenerationParams, TokenLogprob
 from server.errors import ContextLengthExceededError, InvalidRequestError
+from server.toolcalls.constraint import ANY_OBJECT as JSON_OBJECT_SCHEMA
+from server.toolcalls.format import call_text
 
 log = logging.getLogger(__name__)
-
-# Depth-limited "any JSON object" for response_format json_object. Outlines compiles JSON
-# schemas to regular automata; an unbounded recursive object does not finish compiling,
-# nesting two levels deep compiles in well under a second. Deeper shapes: use json_schema.
-_PRIMITIVES: list[dict[str, Any]] = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
-_NESTED_VALUE = {"anyOf": _PRIMITIVES + [{"type": "array", "items": {"anyOf": _PRIMITIVES}}, {"type": "object", "additionalProperties": {"anyOf": _PRIMITIVES}}]}
-JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "additionalProperties": _NESTED_VALUE}
 
 
 class OpenAIModel(BaseModel):
@@ -65,6 +60,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     def text(self, index: int) -> str:
         """Content as plain text; parts other than text are refused (text-only models)."""
@@ -123,6 +120,7 @@ class ChatCompletionRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    parallel_tool_calls: bool | None = None
     tool_choice: Any = None
     tools: list[dict[str, Any]] | None = None
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -136,13 +134,34 @@ class ChatCompletionRequest(OpenAIModel):
     ignore_eos: bool = False
 
     def chat_messages(self) -> list[dict[str, str]]:
-        """Messages for the chat template. `developer` is the newer name of `system`."""
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise InvalidRequestError("tools are not supported by this server yet", param="tools", code="unsupported_parameter")
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-            for i, m in enumerate(self.messages)
-        ]
+        """Messages for the chat template. `developer` is the newer name of `system`;
+        assistant tool calls are written as the model writes them (toolcalls.format), and
+        each `tool` message must answer a call made earlier in the conversation."""
+        out: list[dict[str, str]] = []
+        call_ids: set[str] = set()
+        for i, m in enumerate(self.messages):
+            text = m.text(i)
+            if m.role == "assistant" and m.tool_calls:
+                for j, call in enumerate(m.tool_calls):
+                    fn = call.get("function")
+                    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+                        raise InvalidRequestError(
+                            f"messages[{i}].tool_calls[{j}] needs function.name and function.arguments (a JSON string)",
+                            param=f"messages.{i}.tool_calls.{j}",
+                        )
+                    if isinstance(call.get("id"), str):
+                        call_ids.add(call["id"])
+                text = (text + "\n" if text else "") + call_text(m.tool_calls)
+            elif m.role == "tool":
+                if not m.tool_call_id:
+                    raise InvalidRequestError(f"messages[{i}]: a tool message needs tool_call_id", param=f"messages.{i}.tool_call_id")
+                if m.tool_call_id not in call_ids:
+                    raise InvalidRequestError(
+                        f"messages[{i}]: tool_call_id {m.tool_call_id!r} does not answer any earlier assistant tool call",
+                        param=f"messages.{i}.tool_call_id",
+                    )
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return out
 
     def stop_list(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -222,10 +241,22 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobOut] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -243,6 +274,12 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+
+    # --- extensions: server-side tools ---
+    # Calls the server ran itself during this turn (the model never returned them).
+    server_tool_calls: list[dict[str, Any]] | None = None
+    # A destructive call waiting for the user's (or an operator's) confirmation.
+    pending_action: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

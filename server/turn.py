@@ -1,21 +1,30 @@
 """The per-turn pipeline for chat completions.
 
-Today a turn is: check the model → render the chat template → check the context window
-→ generate → shape the OpenAI response. Guardrails, memory, tools and persistence slot in
-here, in this order, as they arrive; routes stay thin and engines stay unaware of HTTP.
+A turn is: check the model → plan the tools → (resolve a pending confirmation) → render
+the chat template → check the context window → generate under the tool constraint →
+run server-side tools and loop (think → call → observe) → shape the OpenAI response.
+Guardrails, memory and persistence slot in here, in this order, as they arrive; routes
+stay thin and engines stay unaware of HTTP.
+
+Both response modes consume one event stream (`_events`): text, a tool call's start,
+argument fragments, and a finish per choice. `complete` folds it into one response,
+`_sse` writes each event as it comes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
+from server.auth import ANONYMOUS, Principal
 from server.engine.base import Engine, GenerationChunk, GenerationParams, TokenLogprob
-from server.errors import EnclaveError, EngineError, InvalidRequestError, ModelNotFoundError
+from server.errors import ConflictError, EnclaveError, EngineError, InvalidRequestError, ModelNotFoundError, NotFoundError
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -23,14 +32,24 @@ from server.protocol import (
     ChatCompletionRequest,
     ChoiceLogprobs,
     TokenLogprobOut,
+    ToolCall,
     Usage,
     chunk_choice,
     chunk_json,
     logprobs_out,
 )
 from server.telemetry.metrics import Metrics
+from server.toolcalls.constraint import build_constraint
+from server.toolcalls.executor import Executor, ToolResult
+from server.toolcalls.format import CallParser, call_text, with_tools_prompt
+from server.toolcalls.registry import ToolContext
+from server.toolcalls.spec import ToolPlan, plan_tools
 
 log = logging.getLogger(__name__)
+
+_ACTION_REF = re.compile(r"\bact_[0-9a-f]{24}\b")
+# A confirmation must be explicit; anything else declines (the safe reading).
+_AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.I)
 
 
 @dataclass
@@ -43,6 +62,13 @@ class Turn:
     params: GenerationParams
     started: float
     created: int = field(default_factory=lambda: int(time.time()))
+    messages: list[dict[str, str]] = field(default_factory=list)
+    plan: ToolPlan | None = None
+    principal: Principal = ANONYMOUS
+    choice: str = "none"  # the tool choice of the step being generated
+    # Filled in while the turn runs, reported in the response's extension fields.
+    server_calls: list[ToolResult] = field(default_factory=list)
+    pending_action: dict[str, Any] | None = None
 
 
 @dataclass
@@ -50,16 +76,45 @@ class _Progress:
     """What a generation has produced so far, per choice, for usage and metrics."""
 
     completion_tokens: int = 0
+    prompt_tokens: int = 0
     first_token_at: float | None = None
     finished: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _Event:
+    kind: str  # "text" | "call" | "args" | "finish"
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    call: int = 0  # tool call index within the message
+    call_id: str = ""
+    name: str = ""
+
+
+def _public_action(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "tool", "summary", "status", "created_at", "expires_at", "decided_at", "decided_by", "result")
+    out = {k: row.get(k) for k in keys}
+    out["arguments"] = json.loads(row["arguments"])
+    return out
+
+
 class ChatServing:
-    def __init__(self, engine: Engine, metrics: Metrics, served_names: list[str], embedding_model: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        served_names: list[str],
+        embedding_model: str | None = None,
+        executor: Executor | None = None,
+        max_tool_steps: int = 5,
+    ):
         self.engine = engine
         self.metrics = metrics
         self.served_names = served_names
         self.embedding_model = embedding_model
+        self.executor = executor
+        self.max_tool_steps = max_tool_steps
         self.model = engine.served_model
         # Label children resolved once: the per-token path should not hash label dicts.
         self._tokens_out = metrics.generation_tokens.labels(model=self.model)
@@ -68,26 +123,41 @@ class ChatServing:
         self._ttft = metrics.ttft.labels(model=self.model)
         self._e2e = metrics.e2e.labels(model=self.model)
 
-    def prepare(self, request: ChatCompletionRequest, started: float) -> Turn:
+    def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal = ANONYMOUS) -> Turn:
         if request.model not in self.served_names:
             if request.model == self.embedding_model:
                 raise InvalidRequestError(f"The model `{request.model}` is an embedding model; use /v1/embeddings.", param="model")
             raise ModelNotFoundError(f"The model `{request.model}` does not exist.", param="model")
-        prompt = self.engine.render_chat(request.chat_messages())
-        params = request.to_generation_params(len(prompt), self.engine.max_model_len)
-        return Turn(f"chatcmpl-{uuid.uuid4().hex}", request, prompt, params, started)
+        registry = self.executor.registry if self.executor else None
+        plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls, registry, principal)
+        if plan is not None and plan.has_server_tools and request.n > 1:
+            raise InvalidRequestError("n must be 1 when server tools are used", param="n")
+        messages = request.chat_messages()
+        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, messages=messages, plan=plan, principal=principal)  # type: ignore[arg-type]
+        self._render_step(turn, plan.choice if plan else "none")
+        return turn
+
+    def _render_step(self, turn: Turn, choice: str) -> None:
+        """Prompt and parameters for the next generation step under `choice`."""
+        plan = turn.plan
+        prompt = self.engine.render_chat(with_tools_prompt(turn.messages, plan, choice))
+        params = turn.request.to_generation_params(len(prompt), self.engine.max_model_len)
+        if plan is not None and choice != "none":
+            tools = plan.tools if choice in ("auto", "required") else [plan.by_name[choice]]
+            constraint = build_constraint([(t.name, t.parameters) for t in tools], allow_text=choice == "auto", parallel=plan.parallel)
+            params = dataclasses.replace(params, regex=constraint.regex, json_schema=None)
+        turn.prompt_token_ids, turn.params, turn.choice = prompt, params, choice
 
     # ------------------------------------------------------------ generation
 
-    async def _generate(self, turn: Turn, progress: _Progress) -> AsyncIterator[GenerationChunk]:
+    async def _generate(self, turn: Turn, progress: _Progress, request_id: str, stop_early=lambda: False) -> AsyncIterator[GenerationChunk]:
         """The engine stream with metrics and abort-on-exit wrapped around it.
-
-        The first chunk is pulled before anything is sent to the client, so a request the
-        engine rejects still gets a proper HTTP status instead of an error mid-stream.
-        """
+        `stop_early()` true at exit means the caller stopped on purpose (a looping model)."""
         self._running.inc()
         self._tokens_in.inc(len(turn.prompt_token_ids))
-        stream = self.engine.generate(turn.request_id, turn.prompt_token_ids, turn.params)
+        progress.prompt_tokens += len(turn.prompt_token_ids)
+        step_finished: set[int] = set()
+        stream = self.engine.generate(request_id, turn.prompt_token_ids, turn.params)
         try:
             async for chunk in stream:
                 if chunk.token_ids:
@@ -99,24 +169,32 @@ class ChatServing:
                 if chunk.finish_reason == "error":
                     raise self._engine_failure(turn, progress)
                 if chunk.finish_reason is not None:
-                    progress.finished.add(chunk.index)
+                    step_finished.add(chunk.index)
                     self.metrics.finished.labels(model=self.model, finish_reason=chunk.finish_reason).inc()
                 yield chunk
         finally:
             self._running.dec()
-            if len(progress.finished) < turn.params.n:
+            if len(step_finished) < turn.params.n:
                 # The client went away (or we failed): free the engine's slot now rather
                 # than letting it generate tokens nobody will read.
-                await self.engine.abort(turn.request_id)
-                self.metrics.aborted.labels(model=self.model, reason="client_disconnected").inc()
-            else:
-                self._e2e.observe(time.perf_counter() - turn.started)
+                await self.engine.abort(request_id)
+                reason = "repeated_tool_call" if stop_early() else "client_disconnected"
+                self.metrics.aborted.labels(model=self.model, reason=reason).inc()
             await stream.aclose()
 
     def _engine_failure(self, turn: Turn, progress: _Progress) -> EnclaveError:
+        # vLLM compiles the constraint in its engine core and reports a failure only as
+        # finish_reason "error"; a schema too complex to compile is the usual cause.
+        if turn.params.regex is not None and progress.completion_tokens == 0:
+            assert turn.plan is not None
+            names = [t.name for t in turn.plan.tools] if turn.choice in ("auto", "required") else [turn.choice]
+            return InvalidRequestError(
+                f"the parameters schema of tool(s) {', '.join(f'`{n}`' for n in names)} could not be compiled into an "
+                "output constraint (too complex or unsupported); simplify it",
+                param="tools",
+                code="invalid_tool_schema",
+            )
         if turn.params.json_schema is not None and progress.completion_tokens == 0:
-            # vLLM compiles the constraint in its engine core and reports a failure only
-            # as finish_reason "error"; a schema too complex to compile is the usual cause.
             return InvalidRequestError(
                 "response_format: the JSON schema could not be compiled into an output constraint "
                 "(too complex or unsupported); simplify the schema",
@@ -125,22 +203,207 @@ class ChatServing:
             )
         return EngineError("the engine failed while generating")
 
-    def _usage(self, turn: Turn, progress: _Progress) -> Usage:
-        prompt = len(turn.prompt_token_ids)
-        return Usage(prompt_tokens=prompt, completion_tokens=progress.completion_tokens, total_tokens=prompt + progress.completion_tokens)
+    async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
+        if turn.plan is None or not turn.plan.has_server_tools:
+            async for ev in self._step_events(turn, progress, turn.request_id, server=set()):
+                yield ev
+        else:
+            async for ev in self._loop_events(turn, progress):
+                yield ev
+        progress.finished.update(range(turn.params.n))
+        self._e2e.observe(time.perf_counter() - turn.started)
+
+    async def _step_events(self, turn: Turn, progress: _Progress, request_id: str, server: set[str], held: list | None = None) -> AsyncIterator[_Event]:
+        """One generation. Text streams through; calls of client tools become call and
+        argument events; calls of `server` tools are kept back in `held` (a list of
+        parsers, one per choice) for the loop to run. A finish event ends each choice.
+
+        The first call of a choice streams as it is generated; later ones are shown when
+        complete, so that an exact repeat (a small model looping on "," after a call) can
+        be dropped and its generation stopped instead of running to max_tokens."""
+        constrained = turn.params.regex is not None
+        n = turn.params.n
+        parsers = [CallParser() for _ in range(n)]
+        shown: list[dict[int, int]] = [{} for _ in range(n)]  # parser call index → message index
+        done = [False] * n
+
+        def show(i: int, k: int) -> _Event:
+            shown[i][k] = len(shown[i])
+            call = parsers[i].calls[k]
+            return _Event("call", i, call=shown[i][k], call_id=call.id, name=call.name)
+
+        def finish(i: int, reason: str) -> _Event:
+            parser = parsers[i]
+            if constrained and parser.is_calls and reason == "stop":
+                reason = "tool_calls" if shown[i] else "stop"
+            done[i] = True
+            return _Event("finish", i, text=reason)
+
+        async for chunk in self._generate(turn, progress, request_id, stop_early=lambda: all(done)):
+            i = chunk.index
+            if done[i]:
+                continue
+            if not constrained:
+                if chunk.text or chunk.logprobs:
+                    yield _Event("text", i, chunk.text, chunk.logprobs)
+            else:
+                parser = parsers[i]
+                delta = parser.feed(chunk.text)
+                if delta.text or (chunk.logprobs and not parser.is_calls):
+                    yield _Event("text", i, delta.text, chunk.logprobs)
+                for call in delta.started:
+                    k = parser.calls.index(call)
+                    if k == 0 and call.name not in server:
+                        yield show(i, k)
+                for k, fragment in delta.fragments:
+                    if k in shown[i]:
+                        yield _Event("args", i, fragment, call=shown[i][k])
+                for k in delta.completed:
+                    call = parser.calls[k]
+                    if k > 0 and parser.is_repeat(k):
+                        call.duplicate = True
+                        yield finish(i, "stop")
+                        break
+                    if k > 0 and call.name not in server:
+                        yield show(i, k)
+                        yield _Event("args", i, call.arguments, call=shown[i][k])
+            if chunk.finish_reason is not None and not done[i]:
+                parser = parsers[i]
+                if constrained and parser.mode is None and parser.text:
+                    yield _Event("text", i, parser.text)
+                yield finish(i, chunk.finish_reason)
+            if all(done):
+                break
+        if held is not None:
+            held.extend(parsers)
+
+    async def _loop_events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
+        """The server-side tool loop (n == 1): generate; if the model called server tools,
+        run them, show it the results and generate again, up to max_tool_steps."""
+        assert turn.plan is not None and self.executor is not None
+        plan, executor = turn.plan, self.executor
+        server = {t.name for t in plan.tools if t.server}
+        first_choice = plan.choice
+        async for ev in self._resolve_confirmation(turn):
+            if ev is None:  # a confirmed action ran: let the model report its result
+                first_choice = "none"
+                continue
+            yield ev
+            return
+        for step in range(self.max_tool_steps):
+            if step > 0 or first_choice != turn.choice:
+                last = step == self.max_tool_steps - 1
+                self._render_step(turn, "none" if last else (first_choice if step == 0 else plan.step_choice(step)))
+            held: list[CallParser] = []
+            finish: _Event | None = None
+            async for ev in self._step_events(turn, progress, f"{turn.request_id}-{step}", server, held):
+                if ev.kind == "finish":
+                    finish = ev
+                else:
+                    yield ev
+            assert finish is not None
+            parser = held[0]
+            calls = parser.finished_calls() if parser.is_calls and finish.text in ("stop", "tool_calls") else []
+            server_calls = [c for c in calls if c.name in server]
+            if not server_calls:
+                yield finish
+                return
+            ctx = ToolContext(turn.principal.tenant, turn.principal.user, turn.principal.key_id, turn.request_id, turn.messages)
+            results = await executor.run([(c.id, c.name, c.arguments) for c in server_calls], turn.principal, ctx)
+            turn.server_calls.extend(results)
+            shown_calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            turn.messages = turn.messages + [{"role": "assistant", "content": call_text(shown_calls)}]
+            turn.messages += [{"role": "tool", "content": r.content} for r in results]
+            if len(server_calls) < len(calls):  # the client has calls of its own to run
+                yield dataclasses.replace(finish, text="tool_calls")
+                return
+            pending = [r.action for r in results if r.action is not None]
+            if pending:
+                turn.pending_action = _public_action(pending[0])
+                lines = [f"- {a['summary']} (action {a['id']})" for a in pending]
+                yield _Event(
+                    "text",
+                    0,
+                    "I need your confirmation before I do this:\n" + "\n".join(lines) + '\nReply "yes" to go ahead or "no" to cancel.',
+                )
+                yield _Event("finish", 0, text="stop")
+                return
+
+    async def _resolve_confirmation(self, turn: Turn) -> AsyncIterator[_Event | None]:
+        """If the assistant last asked to confirm an action and the user has answered,
+        run it (once, whatever the number of replays) or cancel it. Yields None when it
+        ran and the loop should go on, or the final events of a decline."""
+        assert self.executor is not None
+        msgs = turn.request.messages
+        if len(msgs) < 2 or msgs[-1].role != "user" or msgs[-2].role != "assistant":
+            return
+        ref = _ACTION_REF.findall(msgs[-2].text(len(msgs) - 2))
+        if not ref:
+            return
+        try:
+            row = self.executor.get_action(ref[-1], turn.principal)
+        except NotFoundError:
+            return
+        answer = msgs[-1].text(len(msgs) - 1)
+        if _AFFIRMATIVE.match(answer):
+            try:
+                row = await self.executor.approve(row["id"], turn.principal, request_id=turn.request_id, messages=turn.messages)
+            except ConflictError:
+                row = self.executor.get_action(row["id"], turn.principal)
+                turn.pending_action = _public_action(row)
+                yield _Event("text", 0, f"That action was {row['status']} earlier, so nothing was done: {row['summary']}.")
+                yield _Event("finish", 0, text="stop")
+                return
+            turn.pending_action = _public_action(row)
+            call_id = "call_" + row["id"].removeprefix("act_")
+            call = {"id": call_id, "function": {"name": row["tool"], "arguments": row["arguments"]}}
+            turn.messages = turn.messages + [
+                {"role": "assistant", "content": call_text([call])},
+                {"role": "tool", "content": row["result"] or ""},
+            ]
+            yield None
+            return
+        if row["status"] == "pending":
+            row = self.executor.cancel(row["id"], turn.principal)
+            turn.pending_action = _public_action(row)
+            yield _Event("text", 0, f"Cancelled; nothing was done: {row['summary']}.")
+            yield _Event("finish", 0, text="stop")
+
+    # ------------------------------------------------------------ response shapes
+
+    def _usage(self, progress: _Progress) -> Usage:
+        return Usage(
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            total_tokens=progress.prompt_tokens + progress.completion_tokens,
+        )
+
+    def _extensions(self, turn: Turn) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if turn.server_calls:
+            out["server_tool_calls"] = [r.public() for r in turn.server_calls]
+        if turn.pending_action is not None:
+            out["pending_action"] = turn.pending_action
+        return out
 
     async def complete(self, turn: Turn) -> ChatCompletion:
         n = turn.params.n
         texts = [""] * n
+        calls: list[list[dict[str, str]]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         progress = _Progress()
-        async for chunk in self._generate(turn, progress):
-            texts[chunk.index] += chunk.text
-            if chunk.logprobs:
-                logprobs[chunk.index].extend(chunk.logprobs)
-            if chunk.finish_reason is not None:
-                finish[chunk.index] = chunk.finish_reason
+        async for ev in self._events(turn, progress):
+            if ev.kind == "text":
+                texts[ev.index] += ev.text
+                if ev.logprobs:
+                    logprobs[ev.index].extend(ev.logprobs)
+            elif ev.kind == "call":
+                calls[ev.index].append({"id": ev.call_id, "name": ev.name, "arguments": ""})
+            elif ev.kind == "args":
+                calls[ev.index][ev.call]["arguments"] += ev.text
+            else:
+                finish[ev.index] = ev.text
         want_logprobs = turn.params.logprobs is not None
         return ChatCompletion(
             id=turn.request_id,
@@ -149,55 +412,63 @@ class ChatServing:
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=texts[i]),
+                    message=AssistantMessage(
+                        content=texts[i] if texts[i] or not calls[i] else None,
+                        tool_calls=[ToolCall(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]}) for c in calls[i]] or None,
+                    ),
                     logprobs=ChoiceLogprobs(content=[TokenLogprobOut.model_validate(x) for x in logprobs_out(logprobs[i])]) if want_logprobs else None,
                     finish_reason=finish[i],
                 )
                 for i in range(n)
             ],
-            usage=self._usage(turn, progress),
+            usage=self._usage(progress),
+            **self._extensions(turn),
         )
 
     async def open_stream(self, turn: Turn) -> AsyncIterator[str]:
-        """Start generating and return the SSE body; errors before the first token raise."""
+        """Start generating and return the SSE body; errors before the first event raise."""
         progress = _Progress()
-        chunks = self._generate(turn, progress)
+        events = self._events(turn, progress)
         try:
-            first = await anext(chunks)
+            first = await anext(events)
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await chunks.aclose()
+            await events.aclose()
             raise
-        return self._sse(turn, progress, chunks, first)
+        return self._sse(turn, progress, events, first)
 
-    async def _sse(self, turn: Turn, progress: _Progress, chunks: AsyncIterator[GenerationChunk], first: GenerationChunk | None) -> AsyncIterator[str]:
+    async def _sse(self, turn: Turn, progress: _Progress, events: AsyncIterator[_Event], first: _Event | None) -> AsyncIterator[str]:
         include_usage = bool(turn.request.stream_options and turn.request.stream_options.include_usage)
         model = turn.request.model
 
-        def event(choices: list[dict], usage: Usage | None = None) -> str:
+        def event(choices: list[dict], usage: Usage | None = None, extra: dict | None = None) -> str:
             body = chunk_json(turn.request_id, turn.created, model, choices, usage)
             if include_usage and usage is None:
                 body["usage"] = None
+            if extra:
+                body.update(extra)
             return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         try:
             yield event([chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(turn.params.n)])
-            pending = [first] if first is not None else []
-            while True:
-                for chunk in pending:
-                    if chunk.text or chunk.finish_reason is not None:
-                        delta = {"content": chunk.text} if chunk.text else {}
-                        yield event([chunk_choice(chunk.index, delta, chunk.finish_reason, chunk.logprobs)])
-                try:
-                    pending = [await anext(chunks)]
-                except StopAsyncIteration:
-                    break
+            ev = first
+            while ev is not None:
+                if ev.kind == "text":
+                    yield event([chunk_choice(ev.index, {"content": ev.text}, None, ev.logprobs)])
+                elif ev.kind == "call":
+                    call = {"index": ev.call, "id": ev.call_id, "type": "function", "function": {"name": ev.name, "arguments": ""}}
+                    yield event([chunk_choice(ev.index, {"tool_calls": [call]})])
+                elif ev.kind == "args":
+                    yield event([chunk_choice(ev.index, {"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]})])
+                else:
+                    yield event([chunk_choice(ev.index, {}, ev.text)], extra=self._extensions(turn))
+                ev = await anext(events, None)
             if include_usage:
-                yield event([], self._usage(turn, progress))
+                yield event([], self._usage(progress))
         except EnclaveError as exc:
             # Headers are gone; OpenAI clients raise on an `error` event in the stream.
             yield f"data: {json.dumps(exc.to_body())}\n\n"
         finally:
-            await chunks.aclose()
+            await events.aclose()
         yield "data: [DONE]\n\n"

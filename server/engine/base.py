@@ -29,6 +29,8 @@ class GenerationParams:
     logprobs: int | None = None
     # A JSON schema the output must match (response_format json_schema / json_object).
     json_schema: dict[str, Any] | None = None
+    # A regular expression the whole output must match (tool calls); wins over json_schema.
+    regex: str | None = None
 
 
 @dataclass(frozen=True)

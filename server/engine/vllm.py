@@ -71,7 +71,9 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if params.json_schema is not None:
+        if params.regex is not None:
+            structured = StructuredOutputsParams(regex=params.regex)
+        elif params.json_schema is not None:
             structured = StructuredOutputsParams(json=params.json_schema, whitespace_pattern=JSON_WHITESPACE)
         return SamplingParams(
             n=params.n,

@@ -31,7 +31,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
     serving = request.app.state.runtime.require_chat()
-    turn = serving.prepare(body, started)
+    turn = serving.prepare(body, started, principal)
     headers = {"x-request-id": turn.request_id}
     if body.stream:
         events = await serving.open_stream(turn)

@@ -39,7 +39,7 @@ def sse(response) -> list:
 def test_complete_assembles_text_and_counts_usage(api, engine):
     engine.queue("Hello there friend")
     body = chat(api, max_tokens=10).json()
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello there friend", "refusal": None}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello there friend", "refusal": None, "tool_calls": None}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": len(engine.calls[0].prompt_token_ids), "completion_tokens": 3, "total_tokens": len(engine.calls[0].prompt_token_ids) + 3}
 

@@ -1,0 +1,230 @@
+"""Tool schemas → one regular expression the engine enforces token by token.
+
+vLLM's `outlines` backend compiles a regex into an index over the vocabulary and caches
+it by the regex text, so a request that repeats a tool set pays no compile time; the
+regex itself is built here, once per tool set (LRU), because that is where we can:
+
+* name the tool whose schema cannot be compiled (a 400, not an engine failure);
+* enforce numeric bounds, which outlines-core's JSON-schema translator ignores: a
+  bounded integer/number is swapped for a placeholder and then for a range regex;
+* join several tools, parallel calls and, for `tool_choice: auto`, free text into one
+  automaton, so the model decides between answering and calling in a single pass.
+
+What the model writes when it calls tools (the same on every model and chat template):
+
+    [{"name": "lookup_ticket", "arguments": {"ticket_id": "T-1001"}}]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from outlines_core import json_schema as outlines_schema
+
+from server.errors import InvalidRequestError
+
+WHITESPACE = r"[ ]?"
+# Free text for `auto`: anything that does not open a call array. Leading whitespace is
+# excluded so a call cannot hide behind a newline.
+TEXT = r"[^\[\s][\s\S]*"
+_PLACEHOLDER = "ENCLAVERANGE{}"
+
+# Depth-limited "any JSON object" (response_format json_object, open tool parameters):
+# Outlines compiles schemas to automata and an unbounded recursive object never finishes.
+_PRIMITIVES: list[dict[str, Any]] = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+_ANY_VALUE = {"anyOf": _PRIMITIVES + [{"type": "array", "items": {"anyOf": _PRIMITIVES}}, {"type": "object", "additionalProperties": {"anyOf": _PRIMITIVES}}]}
+ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": _ANY_VALUE}
+
+
+# ---------------------------------------------------------------- numeric ranges
+
+
+def _digits_range(lo: str, hi: str) -> list[str]:
+    """Regexes matching the decimal strings of equal length between lo and hi."""
+    if lo == hi:
+        return [lo]
+    if len(lo) == 1:
+        return [f"[{lo}-{hi}]"]
+    if lo[0] == hi[0]:
+        return [lo[0] + r for r in _digits_range(lo[1:], hi[1:])]
+    out: list[str] = []
+    n = len(lo) - 1
+    lo_rest, hi_rest = lo[1:], hi[1:]
+    start, end = int(lo[0]), int(hi[0])
+    if lo_rest != "0" * n:
+        out += [lo[0] + r for r in _digits_range(lo_rest, "9" * n)]
+        start += 1
+    if hi_rest != "9" * n:
+        tail = [hi[0] + r for r in _digits_range("0" * n, hi_rest)]
+        end -= 1
+    else:
+        tail = []
+    if start <= end:
+        first = str(start) if start == end else f"[{start}-{end}]"
+        out.append(first + f"[0-9]{{{n}}}")
+    return out + tail
+
+
+def _nonneg_range(lo: int, hi: int | None) -> list[str]:
+    """Alternatives matching canonical decimal integers in [lo, hi] (hi None: unbounded)."""
+    out: list[str] = []
+    top = hi if hi is not None else 10 ** len(str(lo)) - 1
+    for width in range(len(str(lo)), len(str(top)) + 1):
+        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        b = min(top, 10**width - 1)
+        if a <= b:
+            out += _digits_range(str(a), str(b))
+    if hi is None:
+        out.append(f"[1-9][0-9]{{{len(str(lo))},}}")
+    return out
+
+
+def integer_regex(lo: int | None, hi: int | None) -> str:
+    """A regex for the JSON integers in [lo, hi]; None leaves that side open."""
+    parts: list[str] = []
+    if lo is None or lo < 0:
+        # Negative side: -m for m in [max(1, -hi), -lo].
+        m_lo = 1 if hi is None or hi >= 0 else -hi
+        m_hi = None if lo is None else -lo
+        if m_hi is None or m_lo <= m_hi:
+            parts += ["-(?:" + "|".join(_nonneg_range(m_lo, m_hi)) + ")"]
+    if hi is None or hi >= 0:
+        parts += _nonneg_range(max(lo or 0, 0), hi)
+    if not parts:
+        raise ValueError("empty range")
+    return "(?:" + "|".join(parts) + ")"
+
+
+def number_regex(lo: float | None, hi: float | None) -> str:
+    """A regex for JSON numbers in [lo, hi]. Conservative on purpose: every match is in
+    range, but fractions are only offered where they cannot cross a bound (non-negative
+    values strictly below an integer upper bound)."""
+    ilo = None if lo is None else math.ceil(lo)
+    ihi = None if hi is None else math.floor(hi)
+    parts: list[str] = []
+    if ilo is None or ilo < 0:
+        neg_hi = -1 if ihi is None else min(ihi, -1)
+        if ilo is None or ilo <= neg_hi:
+            parts.append(integer_regex(ilo, neg_hi))
+    start = max(ilo or 0, 0)
+    if ihi is None:
+        parts.append(integer_regex(start, None) + r"(?:\.[0-9]+)?")
+    elif start <= ihi:
+        if start <= ihi - 1:
+            parts.append(integer_regex(start, ihi - 1) + r"(?:\.[0-9]+)?")
+        parts.append(integer_regex(ihi, ihi))
+    if not parts:
+        raise ValueError("empty range")
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _bounds(node: dict[str, Any], integral: bool) -> tuple[float | None, float | None]:
+    lo, hi = node.get("minimum"), node.get("maximum")
+    xlo, xhi = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+    step = 1 if integral else 1e-9
+    if isinstance(xlo, (int, float)) and not isinstance(xlo, bool):
+        lo = xlo + step if lo is None else max(lo, xlo + step)
+    if isinstance(xhi, (int, float)) and not isinstance(xhi, bool):
+        hi = xhi - step if hi is None else min(hi, xhi - step)
+    return lo, hi
+
+
+# ---------------------------------------------------------------- schema → regex
+
+
+def _prepare(schema: Any, ranges: list[str]) -> Any:
+    """Copy of `schema` with numeric bounds swapped for placeholders and open objects
+    depth-limited, so outlines-core can translate it and the result stays compilable."""
+    if isinstance(schema, list):
+        return [_prepare(s, ranges) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    node = {k: _prepare(v, ranges) for k, v in schema.items() if k not in ("$defs", "definitions")}
+    for key in ("$defs", "definitions"):
+        if key in schema:
+            node[key] = {k: _prepare(v, ranges) for k, v in schema[key].items()}
+    kind = node.get("type")
+    if kind in ("integer", "number") and any(k in node for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+        lo, hi = _bounds(node, kind == "integer")
+        if kind == "integer":
+            regex = integer_regex(None if lo is None else math.ceil(lo), None if hi is None else math.floor(hi))
+        else:
+            regex = number_regex(lo, hi)
+        ranges.append(regex)
+        return {"const": _PLACEHOLDER.format(len(ranges) - 1)}
+    if kind == "object" and "properties" not in node and node.get("additionalProperties", True) is True:
+        # A fully open object ("any keys, any values") does not compile; bound its depth.
+        return copy.deepcopy(ANY_OBJECT) | {k: v for k, v in node.items() if k in ("description", "title")}
+    return node
+
+
+def schema_regex(schema: dict[str, Any]) -> str:
+    """The regex for one JSON schema; ValueError when it cannot be compiled."""
+    ranges: list[str] = []
+    prepared = _prepare(schema, ranges)
+    regex = outlines_schema.build_regex_from_schema(json.dumps(prepared), WHITESPACE)
+    for i, sub in enumerate(ranges):
+        token = f'"{_PLACEHOLDER.format(i)}"'
+        if token not in regex:
+            raise ValueError("numeric bound could not be applied")
+        regex = regex.replace(token, sub)
+    _check_buildable(regex)
+    return regex
+
+
+def _check_buildable(regex: str) -> None:
+    # The same checks vLLM runs when the request is added, here so the error names a tool.
+    try:
+        from vllm.v1.structured_output.backend_outlines import validate_regex_is_buildable
+    except ImportError:  # engines without vLLM (remote, scripted): nothing further to check
+        return
+    try:
+        validate_regex_is_buildable(regex)
+    except Exception as exc:  # VLLMValidationError
+        raise ValueError(str(exc).split("\n")[0]) from None
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in r".^$*+?{}[]\|()" else c for c in text)
+
+
+@dataclass(frozen=True)
+class ToolConstraint:
+    """The compiled choice for one request step."""
+
+    regex: str
+    allows_text: bool
+
+
+@lru_cache(maxsize=256)
+def _tool_regex_cached(name: str, schema_json: str) -> str:
+    return schema_regex(json.loads(schema_json))
+
+
+def tool_call_regex(name: str, parameters: dict[str, Any]) -> str:
+    """Regex for one call object of tool `name`; a 400 that names the tool on failure."""
+    try:
+        args = _tool_regex_cached(name, json.dumps(parameters))
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise InvalidRequestError(
+            f"tool `{name}`: its parameters schema cannot be compiled into an output constraint: {exc}",
+            param="tools",
+            code="invalid_tool_schema",
+        ) from None
+    ws = WHITESPACE
+    return rf'\{{{ws}"name"{ws}:{ws}"{_escape(name)}"{ws},{ws}"arguments"{ws}:{ws}{args}{ws}\}}'
+
+
+def build_constraint(tools: list[tuple[str, dict[str, Any]]], *, allow_text: bool, parallel: bool) -> ToolConstraint:
+    """One regex for a step: a JSON array of calls to any of `tools` (one call unless
+    `parallel`), or, when `allow_text`, free text instead."""
+    one = "(?:" + "|".join(tool_call_regex(n, p) for n, p in tools) + ")"
+    ws = WHITESPACE
+    calls = rf"\[{ws}{one}(?:{ws},{ws}{one})*{ws}\]" if parallel else rf"\[{ws}{one}{ws}\]"
+    regex = f"(?:{calls})|(?:{TEXT})" if allow_text else calls
+    return ToolConstraint(regex, allow_text)

@@ -1,0 +1,210 @@
+"""Server-side tools: plain typed Python functions collected from packs in `tools/`.
+
+A pack is a module `tools.<pack>` whose functions carry the @tool decorator. The
+docstring is the description the model sees; the JSON schema comes from the signature
+through pydantic, so `Annotated[str, Field(pattern=...)]` both documents and constrains
+an argument. A parameter typed `ToolContext` is filled in by the server (who is calling,
+the conversation, an idempotency key) and never shown to the model. A pack may define
+`setup(settings)`, run once at start-up (open its database, seed demo data).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from server.errors import ConfigError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+class ToolError(Exception):
+    """Raised by a tool to report a refusal or failure the model should see as-is."""
+
+
+@dataclass
+class ToolContext:
+    """What the server hands a tool besides its arguments."""
+
+    tenant: str
+    user: str
+    key_id: str | None
+    request_id: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    # Stable across retries and repeated confirmations: tools with side effects use it
+    # to make a second execution a no-op.
+    idempotency_key: str | None = None
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    fn: Callable[..., Any]
+    args_model: type[BaseModel]
+    parameters: dict[str, Any]
+    context_param: str | None
+    pack: str = ""
+    destructive: bool = False
+    idempotent: bool = False
+    timeout: float = 10.0
+    retries: int = 0
+    rate_limit: tuple[int, float] | None = None  # (calls, per seconds) per key
+    confirm: str | None = None  # summary template for destructive tools, formatted with the arguments
+    precheck: Callable[..., Any] | None = None  # runs before asking for confirmation
+
+    @property
+    def scope(self) -> str:
+        return f"tools:{self.pack}"
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Arguments checked and coerced by the signature; ToolError on failure."""
+        try:
+            return dict(self.args_model.model_validate(arguments))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors())
+            raise ToolError(f"invalid arguments: {problems}") from None
+
+    def summary(self, arguments: dict[str, Any]) -> str:
+        if self.confirm:
+            try:
+                return self.confirm.format(**arguments)
+            except (KeyError, IndexError, ValueError):
+                pass
+        return f"run {self.name} with {arguments}"
+
+    def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
+        kwargs = dict(arguments)
+        if self.context_param:
+            kwargs[self.context_param] = ctx
+        return self.fn(**kwargs)
+
+
+def _parse_rate(rate: str | None) -> tuple[int, float] | None:
+    if rate is None:
+        return None
+    count, _, unit = rate.partition("/")
+    seconds = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}.get(unit.strip())
+    if not count.strip().isdigit() or seconds is None:
+        raise ConfigError(f"rate limit {rate!r}: write it as N/second|minute|hour|day")
+    return int(count), seconds
+
+
+def _strip_titles(schema: Any) -> Any:
+    # pydantic adds a "title" to every node; for the model it is noise in the prompt.
+    if isinstance(schema, dict):
+        return {k: (_strip_titles_props(v) if k == "properties" else _strip_titles(v)) for k, v in schema.items() if k != "title"}
+    if isinstance(schema, list):
+        return [_strip_titles(v) for v in schema]
+    return schema
+
+
+def _strip_titles_props(props: dict[str, Any]) -> dict[str, Any]:
+    return {name: _strip_titles(sub) for name, sub in props.items()}
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    destructive: bool = False,
+    idempotent: bool | None = None,
+    timeout: float = 10.0,
+    retries: int = 0,
+    rate_limit: str | None = None,
+    confirm: str | None = None,
+    precheck: Callable[..., Any] | None = None,
+):
+    """Mark a function as a tool. Read-only tools are idempotent (and so retried on
+    failure when `retries` > 0) unless told otherwise; destructive ones never are."""
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        sig = inspect.signature(f)
+        hints = typing.get_type_hints(f, include_extras=True)  # resolves string annotations
+        fields: dict[str, Any] = {}
+        context_param = None
+        for name, param in sig.parameters.items():
+            if hints.get(name) is ToolContext:
+                context_param = name
+                continue
+            if name not in hints:
+                raise TypeError(f"tool {f.__name__}: parameter {name} needs a type annotation")
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[name] = (hints[name], default)
+        model = create_model(f"{f.__name__}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+        schema = _strip_titles(model.model_json_schema())
+        doc = inspect.getdoc(f) or ""
+        description = doc.split("\n\n")[0].replace("\n", " ").strip()
+        if not description:
+            raise TypeError(f"tool {f.__name__}: the docstring is its description and must not be empty")
+        return Tool(
+            name=f.__name__,
+            description=description,
+            fn=f,
+            args_model=model,
+            parameters=schema,
+            context_param=context_param,
+            destructive=destructive,
+            idempotent=(not destructive) if idempotent is None else (idempotent and not destructive),
+            timeout=timeout,
+            retries=retries,
+            rate_limit=_parse_rate(rate_limit),
+            confirm=confirm,
+            precheck=precheck,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+class Registry:
+    """All tools of the packs this deployment enables, by name."""
+
+    def __init__(self) -> None:
+        self.tools: dict[str, Tool] = {}
+        self.packs: dict[str, list[Tool]] = {}
+
+    def add_pack(self, pack: str, tools: list[Tool]) -> None:
+        for t in tools:
+            if t.name in self.tools:
+                raise ConfigError(f"tool `{t.name}` of pack `{pack}` clashes with pack `{self.tools[t.name].pack}`")
+            t.pack = pack
+            self.tools[t.name] = t
+        self.packs[pack] = tools
+
+    @classmethod
+    def load(cls, packs: list[str], settings: Any = None) -> "Registry":
+        registry = cls()
+        for ref in packs:
+            # "support" is tools/support; a dotted name is any importable module.
+            module_name = ref if "." in ref else f"tools.{ref}"
+            pack = ref.rsplit(".", 1)[-1]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigError(f"ENCLAVE_TOOL_PACKS: tool pack `{ref}` cannot be imported: {exc}") from exc
+            found = [v for v in vars(module).values() if isinstance(v, Tool)]
+            if not found:
+                raise ConfigError(f"ENCLAVE_TOOL_PACKS: `{module_name}` defines no @tool functions")
+            if hasattr(module, "setup") and settings is not None:
+                module.setup(settings)
+            registry.add_pack(pack, sorted(found, key=lambda t: t.name))
+            log.info("tool pack %s: %s", pack, ", ".join(t.name for t in found))
+        return registry
+
+    def get(self, name: str) -> Tool | None:
+        return self.tools.get(name)
+
+    def resolve(self, ref: str, param: str) -> list[Tool]:
+        """`pack`, `pack.tool` or `tool` → the tools it names."""
+        if ref in self.packs:
+            return list(self.packs[ref])
+        pack, _, name = ref.rpartition(".")
+        found = self.tools.get(name)
+        if found is not None and (not pack or found.pack == pack):
+            return [found]
+        raise InvalidRequestError(f"no server tool or tool pack named `{ref}` is enabled on this server", param=param, code="tool_not_found")

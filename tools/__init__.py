@@ -1,0 +1,1 @@
+"""Tool packs: each subpackage is one pack of @tool functions (see tools/README.md)."""

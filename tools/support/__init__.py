@@ -1,0 +1,130 @@
+"""The customer-support pack: tickets, subscriptions, refunds and hand-off to a human.
+
+Every tool acts for the calling principal's customer (the API key's `user`, e.g.
+`cust_1001`) and never reads or changes another customer's records.
+
+Options (`tool_options: {"support": {...}}`):
+  refund_limit   largest refund, in EUR, that the assistant may make (default 200)
+  database       path of the SQLite file (default <data_dir>/support.db)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from server.toolcalls.registry import ToolContext, ToolError, tool
+from tools.support.store import SupportStore
+
+_state: dict[str, Any] = {"store": None, "refund_limit": 200.0}
+
+TicketId = Annotated[str, Field(pattern=r"^T-[0-9]{4}$", description="ticket id, e.g. T-1001")]
+# Reason codes, not free text: reports can group by them, and a small model cannot ramble.
+RefundReason = Literal["damaged", "not_received", "duplicate_charge", "cancelled_service", "other"]
+OrderId = Annotated[str, Field(pattern=r"^ORD-[0-9]{4}$", description="order id, e.g. ORD-5002")]
+
+
+def setup(settings: Any) -> None:
+    options = settings.tool_options.get("support", {})
+    configure(Path(options.get("database") or Path(settings.data_dir) / "support.db"), float(options.get("refund_limit", 200)))
+
+
+def configure(path: Path, refund_limit: float = 200.0) -> SupportStore:
+    _state["store"] = SupportStore(path)
+    _state["refund_limit"] = refund_limit
+    return _state["store"]
+
+
+def _store() -> SupportStore:
+    if _state["store"] is None:
+        raise ToolError("the support database is not configured")
+    return _state["store"]
+
+
+def _euros(cents: int) -> float:
+    return round(cents / 100, 2)
+
+
+@tool(rate_limit="30/minute", retries=1, timeout=5)
+def lookup_ticket(ctx: ToolContext, ticket_id: TicketId) -> dict[str, Any]:
+    """Look up one of the customer's support tickets by id (subject, status, details, related order)."""
+    with _store().connect() as conn:
+        row = conn.execute("SELECT * FROM tickets WHERE id = ? AND customer_id = ?", (ticket_id, ctx.user)).fetchone()
+    if row is None:  # another customer's ticket looks exactly like a missing one
+        raise ToolError(f"no ticket {ticket_id} was found for this customer")
+    return {k: row[k] for k in ("id", "subject", "status", "order_id", "body", "opened_on")}
+
+
+@tool(rate_limit="30/minute", retries=1, timeout=5)
+def check_subscription_status(ctx: ToolContext) -> dict[str, Any]:
+    """Check the customer's subscription: plan, status (active, past_due, cancelled), renewal date and price."""
+    with _store().connect() as conn:
+        row = conn.execute("SELECT * FROM subscriptions WHERE customer_id = ?", (ctx.user,)).fetchone()
+    if row is None:
+        raise ToolError("this customer has no subscription")
+    return {"plan": row["plan"], "status": row["status"], "renews_on": row["renews_on"], "monthly_price_eur": _euros(row["monthly_price_cents"])}
+
+
+def _refund_check(conn: sqlite3.Connection, ctx: ToolContext, order_id: str, amount: float) -> sqlite3.Row:
+    order = conn.execute("SELECT * FROM orders WHERE id = ? AND customer_id = ?", (order_id, ctx.user)).fetchone()
+    if order is None:
+        raise ToolError(f"no order {order_id} was found for this customer")
+    limit = _state["refund_limit"]
+    if amount > limit:
+        raise ToolError(f"refunds above {limit:.2f} EUR need a human agent; use handoff_to_agent")
+    refunded = conn.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM refunds WHERE order_id = ?", (order_id,)).fetchone()[0]
+    if round(amount * 100) > order["amount_cents"] - refunded:
+        raise ToolError(f"order {order_id} has only {_euros(order['amount_cents'] - refunded):.2f} EUR left to refund")
+    return order
+
+
+def _precheck_refund(ctx: ToolContext, order_id: str, amount: float, reason: str) -> None:
+    """Refuse before asking the user to confirm something that would fail anyway."""
+    with _store().connect() as conn:
+        _refund_check(conn, ctx, order_id, amount)
+
+
+@tool(destructive=True, rate_limit="5/minute", timeout=10, confirm="refund {amount:.2f} EUR on order {order_id} (reason: {reason})", precheck=_precheck_refund)
+def create_refund(ctx: ToolContext, order_id: OrderId, amount: Annotated[float, Field(gt=0, le=10000, description="EUR")], reason: RefundReason) -> dict[str, Any]:
+    """Refund part or all of one of the customer's orders to the original payment method."""
+    store = _store()
+    with store.connect() as conn:
+        conn.execute("BEGIN IMMEDIATE")  # check and insert under one write lock
+        try:
+            if ctx.idempotency_key:
+                done = conn.execute("SELECT * FROM refunds WHERE idempotency_key = ?", (ctx.idempotency_key,)).fetchone()
+                if done is not None:  # a repeated execution returns the first one's refund
+                    conn.execute("ROLLBACK")
+                    return {"refund_id": done["id"], "order_id": done["order_id"], "amount_eur": _euros(done["amount_cents"]), "status": "refunded"}
+            _refund_check(conn, ctx, order_id, amount)
+            cur = conn.execute(
+                "INSERT INTO refunds (order_id, customer_id, amount_cents, reason, idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (order_id, ctx.user, round(amount * 100), reason, ctx.idempotency_key, store.now()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return {"refund_id": cur.lastrowid, "order_id": order_id, "amount_eur": round(amount, 2), "status": "refunded"}
+
+
+def _conversation_summary(messages: list[dict[str, Any]], limit: int = 600) -> str:
+    said = [f"{m['role']}: {m['content'].strip()}" for m in messages if m.get("role") in ("user", "assistant") and m.get("content")]
+    text = " | ".join(said[-8:])
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+@tool(rate_limit="5/minute", timeout=5, idempotent=False)
+def handoff_to_agent(ctx: ToolContext, reason: Annotated[str, Field(min_length=3, max_length=120)]) -> dict[str, Any]:
+    """Hand the conversation over to a human support agent, with the reason; use it when you cannot help."""
+    summary = _conversation_summary(ctx.messages)
+    with _store().connect() as conn:
+        cur = conn.execute(
+            "INSERT INTO handoffs (customer_id, reason, summary, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
+            (ctx.user, reason, summary or "(no conversation)", _store().now()),
+        )
+    return {"handoff_id": cur.lastrowid, "status": "queued", "message": "A human agent will pick this up shortly."}
