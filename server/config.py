@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     tool_packs: list[str] = Field(default_factory=lambda: ["support"])
     # Per-pack options, e.g. {"support": {"refund_limit": 200}}; each pack documents its own.
     tool_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Per-tool rate limits per API key that override the packs' own, e.g. {"create_refund": "10/hour"}.
+    tool_rate_limits: dict[str, str] = Field(default_factory=dict)
     # Model → tool → observation rounds per turn before the model must answer.
     max_tool_steps: int = Field(5, ge=1, le=20)
     # How long a destructive action waits for confirmation before it expires.

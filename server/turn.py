@@ -39,9 +39,9 @@ from server.protocol import (
     logprobs_out,
 )
 from server.telemetry.metrics import Metrics
-from server.toolcalls.constraint import build_constraint
+from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.executor import Executor, ToolResult
-from server.toolcalls.format import CallParser, call_text, with_tools_prompt
+from server.toolcalls.format import CallParser, canonical_arguments, call_text, with_tools_prompt
 from server.toolcalls.registry import ToolContext
 from server.toolcalls.spec import ToolPlan, plan_tools
 
@@ -146,6 +146,10 @@ class ChatServing:
             tools = plan.tools if choice in ("auto", "required") else [plan.by_name[choice]]
             constraint = build_constraint([(t.name, t.parameters) for t in tools], allow_text=choice == "auto", parallel=plan.parallel)
             params = dataclasses.replace(params, regex=constraint.regex, json_schema=None)
+        elif plan is not None and params.json_schema is None:
+            # "none" with calls in the history: small models imitate them as text; the
+            # answer must be prose.
+            params = dataclasses.replace(params, regex=TEXT)
         turn.prompt_token_ids, turn.params, turn.choice = prompt, params, choice
 
     # ------------------------------------------------------------ generation
@@ -290,9 +294,13 @@ class ChatServing:
                 continue
             yield ev
             return
+        seen: set[tuple[str, str]] = set()  # calls already run this turn
+        repeating = False
         for step in range(self.max_tool_steps):
             if step > 0 or first_choice != turn.choice:
-                last = step == self.max_tool_steps - 1
+                # The last step, or a model that repeats calls it has seen the results
+                # of, must answer in prose now.
+                last = step == self.max_tool_steps - 1 or repeating
                 self._render_step(turn, "none" if last else (first_choice if step == 0 else plan.step_choice(step)))
             held: list[CallParser] = []
             finish: _Event | None = None
@@ -308,6 +316,9 @@ class ChatServing:
             if not server_calls:
                 yield finish
                 return
+            signatures = {(c.name, canonical_arguments(c.arguments)) for c in server_calls}
+            repeating = signatures <= seen
+            seen |= signatures
             ctx = ToolContext(turn.principal.tenant, turn.principal.user, turn.principal.key_id, turn.request_id, turn.messages)
             results = await executor.run([(c.id, c.name, c.arguments) for c in server_calls], turn.principal, ctx)
             turn.server_calls.extend(results)

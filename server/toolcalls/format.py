@@ -181,11 +181,12 @@ class CallParser:
     def is_repeat(self, k: int) -> bool:
         """Whether call k repeats an earlier call exactly (small models loop on `,`)."""
         call = self.calls[k]
-        key = (call.name, _canonical(call.arguments))
-        return any((c.name, _canonical(c.arguments)) == key for c in self.calls[:k] if c.complete and not c.duplicate)
+        key = (call.name, canonical_arguments(call.arguments))
+        return any((c.name, canonical_arguments(c.arguments)) == key for c in self.calls[:k] if c.complete and not c.duplicate)
 
 
-def _canonical(raw: str) -> str:
+def canonical_arguments(raw: str) -> str:
+    """Arguments JSON in one spelling, to compare calls."""
     try:
         return json.dumps(json.loads(raw), sort_keys=True)
     except ValueError:

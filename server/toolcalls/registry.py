@@ -194,6 +194,10 @@ class Registry:
                 module.setup(settings)
             registry.add_pack(pack, sorted(found, key=lambda t: t.name))
             log.info("tool pack %s: %s", pack, ", ".join(t.name for t in found))
+        for name, rate in (getattr(settings, "tool_rate_limits", None) or {}).items():
+            if name not in registry.tools:
+                raise ConfigError(f"ENCLAVE_TOOL_RATE_LIMITS: no enabled tool is named `{name}`")
+            registry.tools[name].rate_limit = _parse_rate(rate)
         return registry
 
     def get(self, name: str) -> Tool | None:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -31,6 +31,9 @@ class LiveServer:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen
+    # Keys for the tool tests: "support" acts as demo customer cust_1001 (chat + support
+    # tools), "chat_only" as cust_1002 without tool scopes, "operator" may approve actions.
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> str:
@@ -76,15 +79,28 @@ def live_server(tmp_path_factory) -> LiveServer:
     data_dir = tmp_path_factory.mktemp("data")
     key = create_key(data_dir, "--tenant", "acme", "--user", "alice")
     limited = create_key(data_dir, "--tenant", "acme", "--user", "bob", "--scope", "embeddings")
+    keys = {
+        "support": create_key(data_dir, "--tenant", "acme", "--user", "cust_1001", "--scope", "chat", "--scope", "tools:support"),
+        "chat_only": create_key(data_dir, "--tenant", "acme", "--user", "cust_1002", "--scope", "chat"),
+        "operator": create_key(data_dir, "--tenant", "acme", "--user", "ops", "--scope", "actions"),
+    }
     port = free_port()
     log_path = data_dir.parent / "server.log"
-    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "ENCLAVE_DATA_DIR": str(data_dir),
+        "HF_HUB_OFFLINE": "1",
+        "ENCLAVE_TOOL_PACKS": '["support", "tests.e2e.faulty_tools"]',
+        "ENCLAVE_TOOL_OPTIONS": '{"support": {"refund_limit": 50}}',
+        # The refund tests make more calls a minute than the pack's default limit allows.
+        "ENCLAVE_TOOL_RATE_LIMITS": '{"create_refund": "100/minute"}',
+    }
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, process)
+    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, process, keys)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         if process.poll() is not None:
