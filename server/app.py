@@ -22,7 +22,12 @@ from server.config import Settings
 from server.db import connect
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
-from server.errors import EnclaveError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from server.errors import (
+    EnclaveError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.profiles import ModelProfile, find_profile
 from server.routes import actions, chat, embeddings, health, models

@@ -97,7 +97,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`demo reset`: re-seed the customer-support pack's demo database."""
-    import tools.support as support
+    from tools import support
 
     settings = _settings(args)
     support.setup(settings)

@@ -28,7 +28,7 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="after")
-    def _log_ignored(self) -> "OpenAIModel":
+    def _log_ignored(self) -> OpenAIModel:
         if self.model_extra:
             log.info("ignored request fields: %s", ", ".join(sorted(self.model_extra)))
         return self
@@ -93,7 +93,7 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _needs_schema(self) -> "ResponseFormat":
+    def _needs_schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("response_format of type json_schema needs a json_schema object")
         return self

@@ -19,12 +19,20 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from server.auth import ANONYMOUS, Principal
 from server.engine.base import Engine, GenerationChunk, GenerationParams, TokenLogprob
-from server.errors import ConflictError, EnclaveError, EngineError, InvalidRequestError, ModelNotFoundError, NotFoundError
+from server.errors import (
+    ConflictError,
+    EnclaveError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+)
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,7 +49,12 @@ from server.protocol import (
 from server.telemetry.metrics import Metrics
 from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.executor import Executor, ToolResult
-from server.toolcalls.format import CallParser, canonical_arguments, call_text, with_tools_prompt
+from server.toolcalls.format import (
+    CallParser,
+    call_text,
+    canonical_arguments,
+    with_tools_prompt,
+)
 from server.toolcalls.registry import ToolContext
 from server.toolcalls.spec import ToolPlan, plan_tools
 
@@ -49,7 +62,7 @@ log = logging.getLogger(__name__)
 
 _ACTION_REF = re.compile(r"\bact_[0-9a-f]{24}\b")
 # A confirmation must be explicit; anything else declines (the safe reading).
-_AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.I)
+_AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.IGNORECASE)
 
 
 @dataclass

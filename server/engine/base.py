@@ -6,8 +6,9 @@ sampling parameters, so the remote and scripted engines see exactly what vLLM se
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)

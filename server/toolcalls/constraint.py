@@ -180,12 +180,14 @@ def schema_regex(schema: dict[str, Any]) -> str:
 def _check_buildable(regex: str) -> None:
     # The same checks vLLM runs when the request is added, here so the error names a tool.
     try:
-        from vllm.v1.structured_output.backend_outlines import validate_regex_is_buildable
+        from vllm.v1.structured_output.backend_outlines import (
+            validate_regex_is_buildable,
+        )
     except ImportError:  # engines without vLLM (remote, scripted): nothing further to check
         return
     try:
         validate_regex_is_buildable(regex)
-    except Exception as exc:  # VLLMValidationError
+    except Exception as exc:  # noqa: BLE001 - VLLMValidationError, whatever its base
         raise ValueError(str(exc).split("\n")[0]) from None
 
 

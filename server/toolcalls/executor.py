@@ -122,9 +122,9 @@ class Executor:
                 return "ok", _output(value), attempt, None
             except ToolError as exc:  # a refusal is an answer, not a fault: never retried
                 return "error", _error(str(exc)), attempt, str(exc)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 status, error = "timeout", f"{tool.name} did not finish within {tool.timeout:g} s"
-            except Exception as exc:  # noqa: BLE001 - any tool bug becomes a result for the model
+            except Exception as exc:
                 log.warning("tool %s failed: %s", tool.name, exc, exc_info=True)
                 status, error = "error", f"{tool.name} failed: {type(exc).__name__}"
             if attempt < attempts:

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.toolcalls.spec import ToolPlan, ToolSpec
+from server.toolcalls.spec import ToolPlan
 
 
 def new_call_id() -> str:

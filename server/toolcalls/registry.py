@@ -14,8 +14,9 @@ import importlib
 import inspect
 import logging
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -177,7 +178,7 @@ class Registry:
         self.packs[pack] = tools
 
     @classmethod
-    def load(cls, packs: list[str], settings: Any = None) -> "Registry":
+    def load(cls, packs: list[str], settings: Any = None) -> Registry:
         registry = cls()
         for ref in packs:
             # "support" is tools/support; a dotted name is any importable module.
