@@ -69,11 +69,11 @@ def test_schema_that_cannot_compile_is_400(client):
                                        response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": bad}})
 
 
-def test_tools_are_refused_clearly_until_supported(client):
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+def test_badly_named_tool_is_a_400_that_points_at_it(client):
+    tool = {"type": "function", "function": {"name": "no spaces allowed", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="smollm2", messages=MSG, tools=[tool], max_tokens=3)
-    assert caught.value.param == "tools"
+    assert caught.value.param == "tools[0].function.name"
 
 
 def test_oversized_body_is_413(live_server):
