@@ -71,7 +71,7 @@ class Executor:
     async def _one(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext) -> ToolResult:
         audit: list[tuple] = []
         result = await self._decide(call_id, name, raw, principal, ctx, audit)
-        await asyncio.to_thread(self._audit_later, *audit[0])
+        await asyncio.to_thread(self._audit, *audit[0])
         return result
 
     async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple]) -> ToolResult:
@@ -143,7 +143,7 @@ class Executor:
         with self.db.connect() as conn:
             return conn.execute(query).scalar_one() >= calls
 
-    def _audit_later(self, ctx: ToolContext, principal: Principal, name: str, args: Any, status: str, error: str | None, started: float, attempts: int, action: dict | None) -> None:
+    def _audit(self, ctx: ToolContext, principal: Principal, name: str, args: Any, status: str, error: str | None, started: float, attempts: int, action: dict | None) -> None:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
@@ -251,7 +251,7 @@ class Executor:
             else:
                 status, content, attempts, error = await self._execute(tool, ctx, json.loads(row["arguments"]))
             await asyncio.to_thread(self._finish, action_id, "succeeded" if status == "ok" else "failed", content)
-            await asyncio.to_thread(self._audit_later, ctx, owner, row["tool"], row["arguments"], status, error, started, attempts, row)
+            await asyncio.to_thread(self._audit, ctx, owner, row["tool"], row["arguments"], status, error, started, attempts, row)
         return await self._settled(action_id, principal, operator)
 
     async def _settled(self, action_id: str, principal: Principal, operator: bool, wait_s: float = 120.0) -> dict[str, Any]:
