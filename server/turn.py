@@ -13,6 +13,7 @@ argument fragments, and a finish per choice. `complete` folds it into one respon
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -48,7 +49,7 @@ from server.protocol import (
 )
 from server.telemetry.metrics import Metrics
 from server.toolcalls.constraint import TEXT, build_constraint
-from server.toolcalls.executor import Executor, ToolResult
+from server.toolcalls.executor import Executor, ToolResult, public_action
 from server.toolcalls.format import (
     CallParser,
     call_text,
@@ -91,7 +92,6 @@ class _Progress:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     first_token_at: float | None = None
-    finished: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -103,13 +103,6 @@ class _Event:
     call: int = 0  # tool call index within the message
     call_id: str = ""
     name: str = ""
-
-
-def _public_action(row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "tool", "summary", "status", "created_at", "expires_at", "decided_at", "decided_by", "result")
-    out = {k: row.get(k) for k in keys}
-    out["arguments"] = json.loads(row["arguments"])
-    return out
 
 
 class ChatServing:
@@ -227,7 +220,6 @@ class ChatServing:
         else:
             async for ev in self._loop_events(turn, progress):
                 yield ev
-        progress.finished.update(range(turn.params.n))
         self._e2e.observe(time.perf_counter() - turn.started)
 
     async def _step_events(self, turn: Turn, progress: _Progress, request_id: str, server: set[str], held: list | None = None) -> AsyncIterator[_Event]:
@@ -343,7 +335,7 @@ class ChatServing:
                 return
             pending = [r.action for r in results if r.action is not None]
             if pending:
-                turn.pending_action = _public_action(pending[0])
+                turn.pending_action = public_action(pending[0])
                 lines = [f"- {a['summary']} (action {a['id']})" for a in pending]
                 yield _Event(
                     "text",
@@ -365,7 +357,7 @@ class ChatServing:
         if not ref:
             return
         try:
-            row = self.executor.get_action(ref[-1], turn.principal)
+            row = await asyncio.to_thread(self.executor.get_action, ref[-1], turn.principal)
         except NotFoundError:
             return
         answer = msgs[-1].text(len(msgs) - 1)
@@ -373,12 +365,12 @@ class ChatServing:
             try:
                 row = await self.executor.approve(row["id"], turn.principal, request_id=turn.request_id, messages=turn.messages)
             except ConflictError:
-                row = self.executor.get_action(row["id"], turn.principal)
-                turn.pending_action = _public_action(row)
+                row = await asyncio.to_thread(self.executor.get_action, row["id"], turn.principal)
+                turn.pending_action = public_action(row)
                 yield _Event("text", 0, f"That action was {row['status']} earlier, so nothing was done: {row['summary']}.")
                 yield _Event("finish", 0, text="stop")
                 return
-            turn.pending_action = _public_action(row)
+            turn.pending_action = public_action(row)
             call_id = "call_" + row["id"].removeprefix("act_")
             call = {"id": call_id, "function": {"name": row["tool"], "arguments": row["arguments"]}}
             turn.messages = turn.messages + [
@@ -388,8 +380,8 @@ class ChatServing:
             yield None
             return
         if row["status"] == "pending":
-            row = self.executor.cancel(row["id"], turn.principal)
-            turn.pending_action = _public_action(row)
+            row = await asyncio.to_thread(self.executor.cancel, row["id"], turn.principal)
+            turn.pending_action = public_action(row)
             yield _Event("text", 0, f"Cancelled; nothing was done: {row['summary']}.")
             yield _Event("finish", 0, text="stop")
 

@@ -200,7 +200,6 @@ class ToolConstraint:
     """The compiled choice for one request step."""
 
     regex: str
-    allows_text: bool
 
 
 @lru_cache(maxsize=256)
@@ -229,4 +228,4 @@ def build_constraint(tools: list[tuple[str, dict[str, Any]]], *, allow_text: boo
     ws = WHITESPACE
     calls = rf"\[{ws}{one}(?:{ws},{ws}{one})*{ws}\]" if parallel else rf"\[{ws}{one}{ws}\]"
     regex = f"(?:{calls})|(?:{TEXT})" if allow_text else calls
-    return ToolConstraint(regex, allow_text)
+    return ToolConstraint(regex)

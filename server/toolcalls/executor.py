@@ -48,6 +48,19 @@ class ToolResult:
         return out
 
 
+def public_action(row: dict[str, Any]) -> dict[str, Any]:
+    """An action as the API shows it (routes and the chat extension alike)."""
+    out = {k: row.get(k) for k in ("id", "tool", "summary", "status", "created_at", "expires_at", "decided_at", "decided_by", "user")}
+    out["object"] = "action"
+    out["arguments"] = json.loads(row["arguments"])
+    result = row.get("result")
+    try:
+        out["result"] = json.loads(result) if result else None
+    except ValueError:  # a tool may return plain text
+        out["result"] = result
+    return out
+
+
 def _error(message: str) -> str:
     return json.dumps({"error": message}, ensure_ascii=False)
 
