@@ -28,9 +28,24 @@ from server.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from server.memory.context import MemoryServices
+from server.memory.conversations import ConversationStore
+from server.memory.episodic import EpisodicMemory
+from server.memory.knowledge import KnowledgeBase
+from server.memory.vectors import VectorStore
 from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.profiles import ModelProfile, find_profile
-from server.routes import actions, chat, embeddings, health, models
+from server.routes import (
+    actions,
+    chat,
+    embeddings,
+    files,
+    health,
+    memory,
+    models,
+    responses,
+    vector_stores,
+)
 from server.telemetry.metrics import Metrics
 from server.toolcalls.executor import Executor
 from server.toolcalls.registry import Registry
@@ -42,11 +57,14 @@ log = logging.getLogger("enclave")
 class Runtime:
     """What the routes reach through app.state.runtime; filled in as loading finishes."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, keys: KeyStore, executor: Executor | None = None):
+    def __init__(
+        self, settings: Settings, metrics: Metrics, keys: KeyStore, executor: Executor | None = None, memory: MemoryServices | None = None
+    ):
         self.settings = settings
         self.metrics = metrics
         self.keys = keys
         self.executor = executor
+        self.memory = memory
         self.started = int(time.time())
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None
@@ -80,8 +98,11 @@ class Runtime:
     def attach(self, engine: Engine, embedder: Embedder | None) -> None:
         self._engine = engine
         self.embedder = embedder
+        if self.memory is not None:
+            self.memory.episodic.embedder = embedder
+            self.memory.knowledge.embedder = embedder
         self.chat = ChatServing(
-            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps
+            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps, self.memory
         )
         self.metrics.watch_engine(engine.num_unfinished_requests)
         self.metrics.ready.set(1 if self.ready else 0)
@@ -95,6 +116,11 @@ class Runtime:
         if self.executor is None:
             raise ServiceUnavailableError("server-side tools are not enabled on this server")
         return self.executor
+
+    def require_memory(self) -> MemoryServices:
+        if self.memory is None:
+            raise ServiceUnavailableError("conversations, memory and knowledge are not enabled on this server")
+        return self.memory
 
     def require_embedder(self) -> Embedder:
         if self.embedder is None:
@@ -180,6 +206,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_json(EnclaveError("The server had an error while processing your request."))
 
 
+def build_memory(settings: Settings, db, embedder: Embedder | None) -> MemoryServices:
+    """Conversations (SQL) and vectors (Chroma) open before binding, like the database:
+    an unreachable Chroma server stops start-up with the setting to fix."""
+    vectors = VectorStore.open(settings.data_dir, settings.chroma_url)
+    return MemoryServices(
+        ConversationStore(db),
+        EpisodicMemory(vectors, embedder, settings.memory_recall_k),
+        KnowledgeBase(db, vectors, embedder, settings.data_dir / "files"),
+        output_reserve=settings.context_output_reserve,
+        summary_tokens=settings.summary_tokens,
+    )
+
+
 def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Embedder | None = None) -> FastAPI:
     """Build the app. Without `engine`, the profile's checkpoint is verified now (a missing
     or corrupt model fails here, before binding) and loaded in the background."""
@@ -188,7 +227,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     # stops start-up with a message instead of failing the first request.
     db = connect(settings.resolved_database_url)
     executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor)
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, build_memory(settings, db, embedder))
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
@@ -211,7 +250,17 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     app.state.runtime = runtime
     app.state.keys = runtime.keys
     install_error_handlers(app)
-    for router in (health.router, models.router, chat.router, embeddings.router, actions.router):
+    for router in (
+        health.router,
+        models.router,
+        chat.router,
+        responses.router,
+        embeddings.router,
+        files.router,
+        vector_stores.router,
+        memory.router,
+        actions.router,
+    ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

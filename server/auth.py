@@ -31,6 +31,8 @@ class Principal:
     user: str
     scopes: tuple[str, ...]
     key_id: str | None = None
+    # Knowledge retrieved for this key's chat completions unless a request names stores.
+    vector_store_ids: tuple[str, ...] = ()
 
     def allows(self, scope: str) -> bool:
         if ALL_SCOPES in self.scopes or scope in self.scopes:
@@ -88,7 +90,13 @@ class KeyStore:
         record = self._by_hash.get(_digest(secret))
         if record is None:
             return None
-        return Principal(tenant=record["tenant"], user=record["user"], scopes=tuple(record["scopes"]), key_id=record["id"])
+        return Principal(
+            tenant=record["tenant"],
+            user=record["user"],
+            scopes=tuple(record["scopes"]),
+            key_id=record["id"],
+            vector_store_ids=tuple(record.get("vector_store_ids") or ()),
+        )
 
     def list(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k != "hash"} for r in self._records()]
@@ -103,7 +111,7 @@ class KeyStore:
             json.dump({"keys": records}, fh, indent=2)
         os.replace(tmp, self.path)
 
-    def create(self, tenant: str, user: str, scopes: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    def create(self, tenant: str, user: str, scopes: list[str] | None = None, vector_store_ids: list[str] | None = None) -> tuple[str, dict[str, Any]]:
         """Add a key; the secret is returned once and never stored."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         record = {
@@ -115,6 +123,8 @@ class KeyStore:
             "scopes": scopes or [ALL_SCOPES],
             "created_at": int(time.time()),
         }
+        if vector_store_ids:
+            record["vector_store_ids"] = list(vector_store_ids)
         with self._lock:
             self._write(self._records() + [record])
         return secret, {k: v for k, v in record.items() if k != "hash"}

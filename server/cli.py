@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "create":
         if not args.tenant or not args.user:
             raise ConfigError("keys create needs --tenant and --user")
-        secret, record = store.create(args.tenant, args.user, args.scope)
+        secret, record = store.create(args.tenant, args.user, args.scope, args.vector_store)
         print(json.dumps({**record, "key": secret}, indent=2))
         print("Store the key now: it is not shown again.", file=sys.stderr)
     elif args.action == "list":
@@ -93,6 +94,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             raise ConfigError(f"no active key with id {args.key_id!r}")
         print(f"revoked {args.key_id}")
     return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from server.ingest import ingest_directory
+
+    return ingest_directory(args.directory, args.store, args.url, args.api_key, prune=args.prune)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -133,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--tenant")
     keys.add_argument("--user")
     keys.add_argument("--scope", action="append", help="repeatable; default: all scopes (*)")
+    keys.add_argument("--vector-store", action="append", help="repeatable; knowledge retrieved for this key's chat completions")
     keys.set_defaults(func=cmd_keys)
+
+    ingest = sub.add_parser("ingest", help="load a directory of documents into a vector store of a running server")
+    ingest.add_argument("directory", type=Path)
+    ingest.add_argument("--store", required=True, help="vector store name (created if missing)")
+    ingest.add_argument("--url", default=os.environ.get("ENCLAVE_URL", "http://127.0.0.1:8000/v1"), help="server base URL (ENCLAVE_URL)")
+    ingest.add_argument("--api-key", default=os.environ.get("ENCLAVE_API_KEY"), help="API key with the knowledge scope (ENCLAVE_API_KEY)")
+    ingest.add_argument("--prune", action="store_true", help="remove files from the store that are no longer in the directory")
+    ingest.set_defaults(func=cmd_ingest)
 
     demo = sub.add_parser("demo", parents=[common], help="demo data of the customer-support tool pack")
     demo.add_argument("action", choices=["reset"])

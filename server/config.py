@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     max_tool_steps: int = Field(5, ge=1, le=20)
     # How long a destructive action waits for confirmation before it expires.
     action_ttl_s: float = Field(900.0, gt=0)
+    # Chroma server (http://host:port) shared by replicas; empty: embedded, in <data_dir>/chroma.
+    chroma_url: str | None = None
+    # Tokens kept free for the answer when a stateful request names no maximum.
+    context_output_reserve: int = Field(512, ge=16)
+    # Length cap of the running summary of older turns.
+    summary_tokens: int = Field(160, ge=32, le=2048)
+    # Memories recalled into a turn.
+    memory_recall_k: int = Field(4, ge=0, le=32)
 
     @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")
     @classmethod

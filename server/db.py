@@ -1,4 +1,5 @@
-"""Relational state (SQLAlchemy Core): pending actions and the tool audit log.
+"""Relational state (SQLAlchemy Core): conversations, knowledge files, pending actions and
+the tool audit log.
 
 SQLite file by default, any SQLAlchemy URL (PostgreSQL) by setting. Nothing that must
 survive a restart or be shared by replicas lives in process memory: rate limits are
@@ -12,11 +13,13 @@ from pathlib import Path
 from sqlalchemy import (
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -59,6 +62,80 @@ pending_actions = Table(
     Column("expires_at", Float, nullable=False),
     Column("decided_at", Float),
     Column("decided_by", String(128)),
+)
+
+
+# A conversation is a tree of stored turns: each turn names its parent, so a client can
+# continue from any stored response (previous_response_id), and `head` is where a named
+# conversation goes on by default.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("name", String(256)),  # the client's own name for it (chat completions)
+    Column("head", String(64)),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("tenant", "user", "name"),
+)
+
+turns = Table(
+    "turns",
+    metadata,
+    Column("id", String(64), primary_key=True),  # resp_… or chatcmpl-…
+    Column("conversation_id", String(64), nullable=False, index=True),
+    Column("parent_id", String(64)),
+    Column("depth", Integer, nullable=False),  # 1 for the first turn
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("model", String(128)),
+    Column("created_at", Float, nullable=False),
+    # Chat-shaped messages this turn added (new input, then the assistant's answer):
+    # what the context window replays.
+    Column("messages", Text, nullable=False),
+    # The Responses-API object as returned, and its input items (GET /v1/responses/…).
+    Column("response", Text),
+    Column("input_items", Text),
+    # The running summary of every turn up to depth `summary_through` on this branch.
+    Column("summary", Text),
+    Column("summary_through", Integer),
+    Index("ix_turns_owner", "tenant", "user"),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("filename", String(512), nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+vector_stores = Table(
+    "vector_stores",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("name", String(256)),
+    Column("metadata", Text),
+    Column("created_at", Float, nullable=False),
+)
+
+vector_store_files = Table(
+    "vector_store_files",
+    metadata,
+    Column("vector_store_id", String(64), primary_key=True),
+    Column("file_id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("status", String(16), nullable=False),  # in_progress | completed | failed
+    Column("chunks", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
 )
 
 

@@ -132,11 +132,17 @@ class ChatCompletionRequest(OpenAIModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # --- extensions (memory): a client-chosen conversation name makes the server keep
+    # the history (send only the new messages) and use the user's episodic memory;
+    # vector_store_ids retrieve knowledge for the turn (default: the API key's stores).
+    conversation: str | None = Field(None, min_length=1, max_length=256)
+    vector_store_ids: list[str] | None = None
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self, stored_history: bool = False) -> list[dict[str, str]]:
         """Messages for the chat template. `developer` is the newer name of `system`;
         assistant tool calls are written as the model writes them (toolcalls.format), and
-        each `tool` message must answer a call made earlier in the conversation."""
+        each `tool` message must answer a call made earlier in the conversation (in a
+        stored conversation the call may be in the stored history instead)."""
         out: list[dict[str, str]] = []
         call_ids: set[str] = set()
         for i, m in enumerate(self.messages):
@@ -155,7 +161,7 @@ class ChatCompletionRequest(OpenAIModel):
             elif m.role == "tool":
                 if not m.tool_call_id:
                     raise InvalidRequestError(f"messages[{i}]: a tool message needs tool_call_id", param=f"messages.{i}.tool_call_id")
-                if m.tool_call_id not in call_ids:
+                if m.tool_call_id not in call_ids and not stored_history:
                     raise InvalidRequestError(
                         f"messages[{i}]: tool_call_id {m.tool_call_id!r} does not answer any earlier assistant tool call",
                         param=f"messages.{i}.tool_call_id",
@@ -281,6 +287,16 @@ class ChatCompletion(BaseModel):
     # A destructive call waiting for the user's (or an operator's) confirmation.
     pending_action: dict[str, Any] | None = None
 
+    # --- extensions: memory and knowledge (stateful turns only) ---
+    # The stored conversation this turn belongs to.
+    conversation: str | None = None
+    # How the context window was assembled: turns verbatim, turns in the summary.
+    context_window: dict[str, Any] | None = None
+    # The user's memories recalled into this turn's context.
+    recalled_memories: list[dict[str, Any]] | None = None
+    # The knowledge chunks the answer was grounded on, numbered as the model cites them ([1]).
+    citations: list[dict[str, Any]] | None = None
+
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     def encoded(token: str) -> list[int]:
@@ -326,6 +342,40 @@ def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None = 
         "logprobs": {"content": logprobs_out(logprobs)} if logprobs is not None else None,
         "finish_reason": finish_reason,
     }
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ResponsesRequest(OpenAIModel):
+    """POST /v1/responses. Sampling fields map onto chat completions (`chat_request`)."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    store: bool = True
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_output_tokens: int | None = Field(None, ge=1)
+    text: dict[str, Any] | None = None
+    include: list[str] | None = None
+    metadata: dict[str, str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+
+    def conversation_name(self) -> str | None:
+        conv = self.conversation
+        if isinstance(conv, dict):
+            conv = conv.get("id")
+            if not isinstance(conv, str):
+                raise InvalidRequestError("conversation must be a string or an object with an id", param="conversation")
+        return conv or None
 
 
 # ---------------------------------------------------------------- embeddings

@@ -1,10 +1,11 @@
 """The per-turn pipeline for chat completions.
 
-A turn is: check the model → plan the tools → (resolve a pending confirmation) → render
-the chat template → check the context window → generate under the tool constraint →
-run server-side tools and loop (think → call → observe) → shape the OpenAI response.
-Guardrails, memory and persistence slot in here, in this order, as they arrive; routes
-stay thin and engines stay unaware of HTTP.
+A turn is: check the model → plan the tools → assemble the context (for a stateful turn:
+history, summary, recalled memories and retrieved sources under the token budget) →
+(resolve a pending confirmation) → render the chat template → generate under the tool
+constraint → run server-side tools and loop (think → call → observe) → shape the
+response → store the turn and write memory. Guardrails slot in here as they arrive;
+routes stay thin and engines stay unaware of HTTP.
 
 Both response modes consume one event stream (`_events`): text, a tool call's start,
 argument fragments, and a finish per choice. `complete` folds it into one response,
@@ -34,6 +35,7 @@ from server.errors import (
     ModelNotFoundError,
     NotFoundError,
 )
+from server.memory.context import ContextRequest, MemoryServices
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -54,6 +56,7 @@ from server.toolcalls.format import (
     CallParser,
     call_text,
     canonical_arguments,
+    tools_prompt,
     with_tools_prompt,
 )
 from server.toolcalls.registry import ToolContext
@@ -83,6 +86,36 @@ class Turn:
     # Filled in while the turn runs, reported in the response's extension fields.
     server_calls: list[ToolResult] = field(default_factory=list)
     pending_action: dict[str, Any] | None = None
+    # A stateful turn (a named conversation, the Responses API, knowledge retrieval).
+    context: ContextRequest | None = None
+    # Builds the stored API object (the Responses API's) from the finished output.
+    build_response: Any = None
+
+
+@dataclass
+class TurnOutput:
+    """Choice 0 as it was sent: what a stateful turn stores."""
+
+    text: str = ""
+    calls: list[dict[str, str]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, ev: _Event) -> None:
+        if ev.index != 0:
+            return
+        if ev.kind == "text":
+            self.text += ev.text
+        elif ev.kind == "call":
+            self.calls.append({"id": ev.call_id, "name": ev.name, "arguments": ""})
+        elif ev.kind == "args":
+            self.calls[ev.call]["arguments"] += ev.text
+        else:
+            self.finish_reason = ev.text
+
+    def message(self) -> dict[str, str]:
+        """The answer as the chat template will replay it in later turns."""
+        calls = call_text([{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in self.calls]) if self.calls else ""
+        return {"role": "assistant", "content": "\n".join(filter(None, [self.text, calls]))}
 
 
 @dataclass
@@ -114,6 +147,7 @@ class ChatServing:
         embedding_model: str | None = None,
         executor: Executor | None = None,
         max_tool_steps: int = 5,
+        memory: MemoryServices | None = None,
     ):
         self.engine = engine
         self.metrics = metrics
@@ -121,6 +155,7 @@ class ChatServing:
         self.embedding_model = embedding_model
         self.executor = executor
         self.max_tool_steps = max_tool_steps
+        self.memory = memory
         self.model = engine.served_model
         # Label children resolved once: the per-token path should not hash label dicts.
         self._tokens_out = metrics.generation_tokens.labels(model=self.model)
@@ -129,7 +164,7 @@ class ChatServing:
         self._ttft = metrics.ttft.labels(model=self.model)
         self._e2e = metrics.e2e.labels(model=self.model)
 
-    def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal = ANONYMOUS) -> Turn:
+    def _plan(self, request: ChatCompletionRequest, principal: Principal) -> ToolPlan | None:
         if request.model not in self.served_names:
             if request.model == self.embedding_model:
                 raise InvalidRequestError(f"The model `{request.model}` is an embedding model; use /v1/embeddings.", param="model")
@@ -138,8 +173,32 @@ class ChatServing:
         plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls, registry, principal)
         if plan is not None and plan.has_server_tools and request.n > 1:
             raise InvalidRequestError("n must be 1 when server tools are used", param="n")
+        return plan
+
+    def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal = ANONYMOUS) -> Turn:
+        """A stateless turn: the request's messages are the whole context."""
+        plan = self._plan(request, principal)
         messages = request.chat_messages()
         turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, messages=messages, plan=plan, principal=principal)  # type: ignore[arg-type]
+        self._render_step(turn, plan.choice if plan else "none")
+        return turn
+
+    async def prepare_stateful(
+        self, request: ChatCompletionRequest, started: float, principal: Principal, ctx: ContextRequest, request_id: str | None = None
+    ) -> Turn:
+        """A turn whose context the server assembles: stored history under the token
+        budget, recalled memories, retrieved sources; stored when it finishes."""
+        if self.memory is None:
+            raise InvalidRequestError("conversations and knowledge are not enabled on this server")
+        plan = self._plan(request, principal)
+        if request.n > 1:
+            raise InvalidRequestError("n must be 1 in a stored conversation or with knowledge retrieval", param="n")
+        turn = Turn(request_id or f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, plan=plan, principal=principal, context=ctx)  # type: ignore[arg-type]
+        max_out = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        # The tool definitions join the system message later; keep room for them.
+        tool_tokens = self.engine.count_tokens(tools_prompt(plan, "auto")) + 8 if plan is not None else 0
+        reserve = (max_out if max_out is not None else min(self.memory.output_reserve, self.engine.max_model_len // 4)) + tool_tokens
+        turn.messages = await self.memory.assemble(self.engine, principal, ctx, reserve, turn.request_id)
         self._render_step(turn, plan.choice if plan else "none")
         return turn
 
@@ -214,13 +273,25 @@ class ChatServing:
         return EngineError("the engine failed while generating")
 
     async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
+        output = TurnOutput() if turn.context is not None else None
         if turn.plan is None or not turn.plan.has_server_tools:
-            async for ev in self._step_events(turn, progress, turn.request_id, server=set()):
-                yield ev
+            events = self._step_events(turn, progress, turn.request_id, server=set())
         else:
-            async for ev in self._loop_events(turn, progress):
-                yield ev
+            events = self._loop_events(turn, progress)
+        async for ev in events:
+            if output is not None:
+                output.add(ev)
+            yield ev
         self._e2e.observe(time.perf_counter() - turn.started)
+        if output is not None:
+            await self._after_turn(turn, output, progress)
+
+    async def _after_turn(self, turn: Turn, output: TurnOutput, progress: _Progress) -> None:
+        """Store a finished stateful turn (before the client hears it is done: a stored
+        turn is acknowledged only once it is on disk)."""
+        assert turn.context is not None and self.memory is not None
+        response, items = turn.build_response(output, self.usage(progress)) if turn.build_response else (None, None)
+        await self.memory.persist(turn.principal, turn.context, turn.request_id, self.model, output.message(), response, items)
 
     async def _step_events(self, turn: Turn, progress: _Progress, request_id: str, server: set[str], held: list | None = None) -> AsyncIterator[_Event]:
         """One generation. Text streams through; calls of client tools become call and
@@ -350,17 +421,19 @@ class ChatServing:
         run it (once, whatever the number of replays) or cancel it. Yields None when it
         ran and the loop should go on, or the final events of a decline."""
         assert self.executor is not None
-        msgs = turn.request.messages
-        if len(msgs) < 2 or msgs[-1].role != "user" or msgs[-2].role != "assistant":
+        # The assembled messages, not the request's: in a stored conversation the
+        # question was asked in an earlier request.
+        msgs = turn.messages
+        if len(msgs) < 2 or msgs[-1]["role"] != "user" or msgs[-2]["role"] != "assistant":
             return
-        ref = _ACTION_REF.findall(msgs[-2].text(len(msgs) - 2))
+        ref = _ACTION_REF.findall(msgs[-2]["content"] or "")
         if not ref:
             return
         try:
             row = await asyncio.to_thread(self.executor.get_action, ref[-1], turn.principal)
         except NotFoundError:
             return
-        answer = msgs[-1].text(len(msgs) - 1)
+        answer = msgs[-1]["content"] or ""
         if _AFFIRMATIVE.match(answer):
             try:
                 row = await self.executor.approve(row["id"], turn.principal, request_id=turn.request_id, messages=turn.messages)
@@ -387,19 +460,27 @@ class ChatServing:
 
     # ------------------------------------------------------------ response shapes
 
-    def _usage(self, progress: _Progress) -> Usage:
+    def usage(self, progress: _Progress) -> Usage:
         return Usage(
             prompt_tokens=progress.prompt_tokens,
             completion_tokens=progress.completion_tokens,
             total_tokens=progress.prompt_tokens + progress.completion_tokens,
         )
 
-    def _extensions(self, turn: Turn) -> dict[str, Any]:
+    def extensions(self, turn: Turn) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if turn.server_calls:
             out["server_tool_calls"] = [r.public() for r in turn.server_calls]
         if turn.pending_action is not None:
             out["pending_action"] = turn.pending_action
+        ctx = turn.context
+        if ctx is not None:
+            if ctx.thread is not None:
+                out["conversation"] = ctx.thread.conversation_id
+            if ctx.window is not None:
+                out["context_window"] = ctx.window.info()
+            out["recalled_memories"] = [m.public() for m in ctx.recalled]
+            out["citations"] = ctx.citations()
         return out
 
     async def complete(self, turn: Turn) -> ChatCompletion:
@@ -437,9 +518,14 @@ class ChatServing:
                 )
                 for i in range(n)
             ],
-            usage=self._usage(progress),
-            **self._extensions(turn),
+            usage=self.usage(progress),
+            **self.extensions(turn),
         )
+
+    def event_stream(self, turn: Turn) -> tuple[_Progress, AsyncIterator[_Event]]:
+        """The turn's events, for API shapes other than chat completions (Responses)."""
+        progress = _Progress()
+        return progress, self._events(turn, progress)
 
     async def open_stream(self, turn: Turn) -> AsyncIterator[str]:
         """Start generating and return the SSE body; errors before the first event raise."""
@@ -478,10 +564,10 @@ class ChatServing:
                 elif ev.kind == "args":
                     yield event([chunk_choice(ev.index, {"tool_calls": [{"index": ev.call, "function": {"arguments": ev.text}}]})])
                 else:
-                    yield event([chunk_choice(ev.index, {}, ev.text)], extra=self._extensions(turn))
+                    yield event([chunk_choice(ev.index, {}, ev.text)], extra=self.extensions(turn))
                 ev = await anext(events, None)
             if include_usage:
-                yield event([], self._usage(progress))
+                yield event([], self.usage(progress))
         except EnclaveError as exc:
             # Headers are gone; OpenAI clients raise on an `error` event in the stream.
             yield f"data: {json.dumps(exc.to_body())}\n\n"

@@ -30,8 +30,10 @@ async def _wait_for_disconnect(request: Request) -> None:
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
-    serving = request.app.state.runtime.require_chat()
-    turn = serving.prepare(body, started, principal)
+    runtime = request.app.state.runtime
+    serving = runtime.require_chat()
+    ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
+    turn = await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else serving.prepare(body, started, principal)
     headers = {"x-request-id": turn.request_id}
     if body.stream:
         events = await serving.open_stream(turn)

@@ -1,0 +1,1 @@
+"""Memory: conversations (SQL), the context window, episodic memory and knowledge (Chroma)."""

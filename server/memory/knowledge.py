@@ -1,0 +1,372 @@
+"""Knowledge (RAG): uploaded files, vector stores, ingest and search.
+
+Files are stored under the data directory and described in SQL; a vector store is a
+named set of files whose chunks live in the tenant's `kb` collection in Chroma, tagged
+with the store and file ids. Adding a file whose name is already in the store replaces
+the old one's chunks (our extension: re-ingesting a changed document must not leave
+stale chunks behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Engine
+
+from server.auth import Principal
+from server.db import files, vector_store_files, vector_stores
+from server.embedder import Embedder
+from server.errors import InvalidRequestError, NotFoundError
+from server.memory.chunking import chunk_sections, document_kind, extract_sections
+from server.memory.vectors import VectorStore
+
+CHUNK_TOKENS = 200
+OVERLAP_TOKENS = 40
+# Chroma accepts a few thousand records per call; stay well below.
+_BATCH = 512
+
+
+@dataclass
+class Hit:
+    file_id: str
+    filename: str
+    chunk_index: int
+    score: float
+    text: str
+    vector_store_id: str
+
+    def public(self) -> dict[str, Any]:
+        """A vector_store.search_results item (OpenAI's shape; chunk index in attributes)."""
+        return {
+            "file_id": self.file_id,
+            "filename": self.filename,
+            "score": round(self.score, 6),
+            "attributes": {"chunk_index": self.chunk_index, "vector_store_id": self.vector_store_id},
+            "content": [{"type": "text", "text": self.text}],
+        }
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}" if prefix == "file" else f"{prefix}_{secrets.token_hex(12)}"
+
+
+class KnowledgeBase:
+    def __init__(self, db: Engine, vectors: VectorStore, embedder: Embedder | None, files_dir: Path):
+        self.db = db
+        self.vectors = vectors
+        self.embedder = embedder
+        self.files_dir = files_dir
+
+    # ---------------------------------------------------------------- files
+
+    def _path(self, tenant: str, file_id: str) -> Path:
+        return self.files_dir / hashlib.sha256(tenant.encode()).hexdigest()[:24] / file_id
+
+    def create_file(self, principal: Principal, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+        if not filename:
+            raise InvalidRequestError("the uploaded file needs a filename", param="file")
+        file_id = _new_id("file")
+        path = self._path(principal.tenant, file_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        row = {
+            "id": file_id,
+            "tenant": principal.tenant,
+            "filename": filename,
+            "purpose": purpose,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "created_at": time.time(),
+        }
+        with self.db.begin() as conn:
+            conn.execute(insert(files).values(**row))
+        return public_file(row)
+
+    def _file_row(self, principal: Principal, file_id: str) -> dict[str, Any]:
+        with self.db.connect() as conn:
+            row = conn.execute(select(files).where(files.c.id == file_id, files.c.tenant == principal.tenant)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+        return dict(row)
+
+    def get_file(self, principal: Principal, file_id: str) -> dict[str, Any]:
+        return public_file(self._file_row(principal, file_id))
+
+    def file_content(self, principal: Principal, file_id: str) -> tuple[str, bytes]:
+        row = self._file_row(principal, file_id)
+        return row["filename"], self._path(principal.tenant, file_id).read_bytes()
+
+    def list_files(self, principal: Principal, purpose: str | None = None) -> list[dict[str, Any]]:
+        query = select(files).where(files.c.tenant == principal.tenant).order_by(files.c.created_at.desc())
+        if purpose:
+            query = query.where(files.c.purpose == purpose)
+        with self.db.connect() as conn:
+            return [public_file(dict(r)) for r in conn.execute(query).mappings()]
+
+    def delete_file(self, principal: Principal, file_id: str) -> dict[str, Any]:
+        self._file_row(principal, file_id)
+        # Chunks first: a crash in between leaves a file without chunks, never orphan chunks.
+        self._kb(principal.tenant).delete(where={"file_id": file_id})
+        with self.db.begin() as conn:
+            conn.execute(delete(vector_store_files).where(vector_store_files.c.file_id == file_id))
+            conn.execute(delete(files).where(files.c.id == file_id))
+        self._path(principal.tenant, file_id).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ---------------------------------------------------------------- vector stores
+
+    def _kb(self, tenant: str) -> Any:
+        return self.vectors.collection("kb", tenant)
+
+    def create_store(self, principal: Principal, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        row = {
+            "id": _new_id("vs"),
+            "tenant": principal.tenant,
+            "name": name,
+            "metadata": json.dumps(metadata or {}),
+            "created_at": time.time(),
+        }
+        with self.db.begin() as conn:
+            conn.execute(insert(vector_stores).values(**row))
+        return self.get_store(principal, row["id"])
+
+    def _store_row(self, principal: Principal, store_id: str, param: str = "vector_store_id") -> dict[str, Any]:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(vector_stores).where(vector_stores.c.id == store_id, vector_stores.c.tenant == principal.tenant)
+            ).mappings().first()
+        if row is None:
+            raise NotFoundError(f"No vector store found with id '{store_id}'.", param=param)
+        return dict(row)
+
+    def check_stores(self, principal: Principal, store_ids: list[str], param: str) -> None:
+        for store_id in store_ids:
+            self._store_row(principal, store_id, param)
+
+    def get_store(self, principal: Principal, store_id: str) -> dict[str, Any]:
+        row = self._store_row(principal, store_id)
+        with self.db.connect() as conn:
+            counts = dict(
+                conn.execute(
+                    select(vector_store_files.c.status, func.count())
+                    .where(vector_store_files.c.vector_store_id == store_id)
+                    .group_by(vector_store_files.c.status)
+                ).all()
+            )
+            usage = conn.execute(
+                select(func.coalesce(func.sum(files.c.bytes), 0))
+                .select_from(vector_store_files.join(files, files.c.id == vector_store_files.c.file_id))
+                .where(vector_store_files.c.vector_store_id == store_id)
+            ).scalar_one()
+        return {
+            "id": row["id"],
+            "object": "vector_store",
+            "created_at": int(row["created_at"]),
+            "name": row["name"],
+            "usage_bytes": int(usage),
+            "file_counts": {
+                "in_progress": counts.get("in_progress", 0),
+                "completed": counts.get("completed", 0),
+                "failed": counts.get("failed", 0),
+                "cancelled": 0,
+                "total": sum(counts.values()),
+            },
+            "status": "in_progress" if counts.get("in_progress") else "completed",
+            "expires_after": None,
+            "expires_at": None,
+            "last_active_at": int(row["created_at"]),
+            "metadata": json.loads(row["metadata"] or "{}"),
+        }
+
+    def list_stores(self, principal: Principal) -> list[dict[str, Any]]:
+        with self.db.connect() as conn:
+            ids = conn.execute(
+                select(vector_stores.c.id).where(vector_stores.c.tenant == principal.tenant).order_by(vector_stores.c.created_at.desc())
+            ).scalars().all()
+        return [self.get_store(principal, i) for i in ids]
+
+    def delete_store(self, principal: Principal, store_id: str) -> dict[str, Any]:
+        self._store_row(principal, store_id)
+        self._kb(principal.tenant).delete(where={"vector_store_id": store_id})
+        with self.db.begin() as conn:
+            conn.execute(delete(vector_store_files).where(vector_store_files.c.vector_store_id == store_id))
+            conn.execute(delete(vector_stores).where(vector_stores.c.id == store_id))
+        return {"id": store_id, "object": "vector_store.deleted", "deleted": True}
+
+    # ---------------------------------------------------------------- store files
+
+    async def add_file(self, principal: Principal, store_id: str, file_id: str) -> dict[str, Any]:
+        """Chunk, embed and index one file into a store (synchronously: the returned
+        object is already `completed` or `failed`, so clients that poll stop at once)."""
+        await asyncio.to_thread(self._store_row, principal, store_id)
+        row = await asyncio.to_thread(self._file_row, principal, file_id)
+        document_kind(row["filename"])  # refuse what we cannot read before touching the store
+        data = await asyncio.to_thread(self._path(principal.tenant, file_id).read_bytes)
+        await asyncio.to_thread(self._replace_membership, principal.tenant, store_id, row)
+        try:
+            sections = await asyncio.to_thread(extract_sections, row["filename"], data)
+            embedder = self._require_embedder()
+            chunks = await asyncio.to_thread(chunk_sections, sections, embedder.count_tokens, CHUNK_TOKENS, OVERLAP_TOKENS)
+            if chunks:
+                vectors = await embedder.embed([c.text for c in chunks])
+                await asyncio.to_thread(self._index, principal.tenant, store_id, row, chunks, vectors)
+            status, error = "completed", None
+        except InvalidRequestError as exc:
+            status, error = "failed", {"code": "invalid_file", "message": exc.message}
+            chunks = []
+        except Exception:
+            await asyncio.to_thread(self._kb(principal.tenant).delete, where={"$and": [{"vector_store_id": store_id}, {"file_id": file_id}]})
+            await asyncio.to_thread(self._set_status, store_id, file_id, "failed", 0, {"code": "server_error", "message": "indexing failed"})
+            raise
+        await asyncio.to_thread(self._set_status, store_id, file_id, status, len(chunks), error)
+        return self.get_store_file(principal, store_id, file_id)
+
+    def _require_embedder(self) -> Embedder:
+        if self.embedder is None:
+            from server.errors import ServiceUnavailableError
+
+            raise ServiceUnavailableError("the embedding model is still loading; retry shortly")
+        return self.embedder
+
+    def _replace_membership(self, tenant: str, store_id: str, file_row: dict[str, Any]) -> None:
+        kb = self._kb(tenant)
+        with self.db.begin() as conn:
+            old = conn.execute(
+                select(vector_store_files.c.file_id).where(
+                    vector_store_files.c.vector_store_id == store_id,
+                    (vector_store_files.c.filename == file_row["filename"]) | (vector_store_files.c.file_id == file_row["id"]),
+                )
+            ).scalars().all()
+            for old_id in old:
+                kb.delete(where={"$and": [{"vector_store_id": store_id}, {"file_id": old_id}]})
+            conn.execute(
+                delete(vector_store_files).where(vector_store_files.c.vector_store_id == store_id, vector_store_files.c.file_id.in_(old))
+            )
+            conn.execute(
+                insert(vector_store_files).values(
+                    vector_store_id=store_id,
+                    file_id=file_row["id"],
+                    tenant=tenant,
+                    filename=file_row["filename"],
+                    status="in_progress",
+                    chunks=0,
+                    created_at=time.time(),
+                )
+            )
+
+    def _index(self, tenant: str, store_id: str, file_row: dict[str, Any], chunks: list, vectors: Any) -> None:
+        kb = self._kb(tenant)
+        for start in range(0, len(chunks), _BATCH):
+            part = chunks[start : start + _BATCH]
+            kb.add(
+                ids=[f"{store_id}:{file_row['id']}:{c.index}" for c in part],
+                embeddings=vectors[start : start + _BATCH],
+                documents=[c.text for c in part],
+                metadatas=[
+                    {"vector_store_id": store_id, "file_id": file_row["id"], "filename": file_row["filename"], "chunk_index": c.index}
+                    for c in part
+                ],
+            )
+
+    def _set_status(self, store_id: str, file_id: str, status: str, chunks: int, error: dict | None) -> None:
+        with self.db.begin() as conn:
+            conn.execute(
+                update(vector_store_files)
+                .where(vector_store_files.c.vector_store_id == store_id, vector_store_files.c.file_id == file_id)
+                .values(status=status, chunks=chunks, last_error=json.dumps(error) if error else None)
+            )
+
+    def get_store_file(self, principal: Principal, store_id: str, file_id: str) -> dict[str, Any]:
+        self._store_row(principal, store_id)
+        with self.db.connect() as conn:
+            row = conn.execute(
+                select(vector_store_files, files.c.bytes, files.c.sha256)
+                .select_from(vector_store_files.join(files, files.c.id == vector_store_files.c.file_id))
+                .where(vector_store_files.c.vector_store_id == store_id, vector_store_files.c.file_id == file_id)
+            ).mappings().first()
+        if row is None:
+            raise NotFoundError(f"No file found with id '{file_id}' in vector store '{store_id}'.", param="file_id")
+        return public_store_file(dict(row))
+
+    def list_store_files(self, principal: Principal, store_id: str) -> list[dict[str, Any]]:
+        self._store_row(principal, store_id)
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(vector_store_files, files.c.bytes, files.c.sha256)
+                .select_from(vector_store_files.join(files, files.c.id == vector_store_files.c.file_id))
+                .where(vector_store_files.c.vector_store_id == store_id)
+                .order_by(vector_store_files.c.created_at.desc())
+            ).mappings().all()
+        return [public_store_file(dict(r)) for r in rows]
+
+    def remove_store_file(self, principal: Principal, store_id: str, file_id: str) -> dict[str, Any]:
+        self.get_store_file(principal, store_id, file_id)
+        self._kb(principal.tenant).delete(where={"$and": [{"vector_store_id": store_id}, {"file_id": file_id}]})
+        with self.db.begin() as conn:
+            conn.execute(
+                delete(vector_store_files).where(vector_store_files.c.vector_store_id == store_id, vector_store_files.c.file_id == file_id)
+            )
+        return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+    # ---------------------------------------------------------------- search
+
+    async def search(self, principal: Principal, store_ids: list[str], query: str, k: int, param: str = "vector_store_id") -> list[Hit]:
+        await asyncio.to_thread(self.check_stores, principal, store_ids, param)
+        if not query.strip():
+            raise InvalidRequestError("the search query is empty", param="query")
+        vector = (await self._require_embedder().embed([query]))[0]
+        return await asyncio.to_thread(self._query, principal.tenant, store_ids, vector, k)
+
+    def _query(self, tenant: str, store_ids: list[str], vector: Any, k: int) -> list[Hit]:
+        kb = self._kb(tenant)
+        where = {"vector_store_id": store_ids[0]} if len(store_ids) == 1 else {"vector_store_id": {"$in": store_ids}}
+        found = kb.query(query_embeddings=[vector], n_results=k, where=where, include=["documents", "metadatas", "distances"])
+        hits = []
+        for text, meta, distance in zip(found["documents"][0], found["metadatas"][0], found["distances"][0]):
+            hits.append(
+                Hit(meta["file_id"], meta["filename"], int(meta["chunk_index"]), 1.0 - float(distance), text, meta["vector_store_id"])
+            )
+        return hits
+
+
+def public_file(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": int(row["created_at"]),
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+        # --- extension: lets `enclave ingest` skip files that did not change
+        "sha256": row["sha256"],
+    }
+
+
+def public_store_file(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["file_id"],
+        "object": "vector_store.file",
+        "created_at": int(row["created_at"]),
+        "vector_store_id": row["vector_store_id"],
+        "status": row["status"],
+        "last_error": json.loads(row["last_error"]) if row["last_error"] else None,
+        "usage_bytes": row["bytes"],
+        "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": CHUNK_TOKENS, "chunk_overlap_tokens": OVERLAP_TOKENS}},
+        "attributes": {},
+        # --- extensions
+        "filename": row["filename"],
+        "chunks": row["chunks"],
+        "sha256": row["sha256"],
+    }

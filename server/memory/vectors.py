@@ -1,0 +1,73 @@
+"""The Chroma client and per-tenant collections.
+
+Embedded `PersistentClient` in the data directory by default; `HttpClient` to a Chroma
+server when `ENCLAVE_CHROMA_URL` is set, so several replicas share one set of vectors.
+Embeddings are always computed by our own Embedder and passed in: collections carry no
+embedding function, so Chroma never tries to fetch its default model from a hub.
+Each tenant gets its own collections (isolation by construction, not only by filter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from server.errors import ConfigError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def collection_name(kind: str, tenant: str) -> str:
+    # Chroma names allow [a-zA-Z0-9._-], 3-512 characters; tenants may be anything.
+    return f"{kind}-{hashlib.sha256(tenant.encode()).hexdigest()[:24]}"
+
+
+class VectorStore:
+    """A thin wrapper that caches collections and turns Chroma failures into our errors."""
+
+    def __init__(self, client: Any):
+        self._client = client
+        self._collections: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, data_dir: Path, url: str | None = None) -> VectorStore:
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        chroma_settings = ChromaSettings(anonymized_telemetry=False)
+        if url:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ConfigError(f"ENCLAVE_CHROMA_URL must look like http://host:port, not {url!r}")
+            try:
+                client = chromadb.HttpClient(
+                    host=parsed.hostname,
+                    port=parsed.port or (443 if parsed.scheme == "https" else 8000),
+                    ssl=parsed.scheme == "https",
+                    settings=chroma_settings,
+                )
+                client.heartbeat()
+            except Exception as exc:
+                raise ConfigError(f"cannot reach the Chroma server at ENCLAVE_CHROMA_URL={url}: {exc}") from None
+        else:
+            path = data_dir / "chroma"
+            path.mkdir(parents=True, exist_ok=True)
+            client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+        return cls(client)
+
+    def collection(self, kind: str, tenant: str) -> Any:
+        name = collection_name(kind, tenant)
+        found = self._collections.get(name)
+        if found is None:
+            try:
+                found = self._client.get_or_create_collection(
+                    name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}, metadata={"kind": kind}
+                )
+            except Exception as exc:
+                log.exception("chroma: opening collection %s failed", name)
+                raise ServiceUnavailableError("the vector store is unavailable; retry shortly") from exc
+            self._collections[name] = found
+        return found

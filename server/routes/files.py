@@ -1,0 +1,50 @@
+"""POST /v1/files (multipart upload), GET /v1/files[/{id}[/content]], DELETE /v1/files/{id}."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from server.auth import require_scope
+from server.protocol import ErrorResponse
+
+router = APIRouter(prefix="/v1/files")
+
+# Uploading and managing knowledge is separate from chatting with it.
+SCOPE = "knowledge"
+_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+
+
+def _kb(request: Request):
+    return request.app.state.runtime.require_memory().knowledge
+
+
+@router.post("", responses=_ERRORS, summary="Upload a file (Markdown, text, HTML or PDF for vector stores).")
+async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("assistants"), principal=Depends(require_scope(SCOPE))) -> dict[str, Any]:
+    data = await file.read()
+    return await asyncio.to_thread(_kb(request).create_file, principal, file.filename or "", data, purpose)
+
+
+@router.get("", summary="List the tenant's files.")
+async def list_files(request: Request, purpose: str | None = Query(None), principal=Depends(require_scope(SCOPE))) -> dict[str, Any]:
+    rows = await asyncio.to_thread(_kb(request).list_files, principal, purpose)
+    return {"object": "list", "data": rows, "has_more": False}
+
+
+@router.get("/{file_id}", responses=_ERRORS, summary="Get a file's metadata.")
+async def get_file(file_id: str, request: Request, principal=Depends(require_scope(SCOPE))) -> dict[str, Any]:
+    return await asyncio.to_thread(_kb(request).get_file, principal, file_id)
+
+
+@router.get("/{file_id}/content", responses=_ERRORS, summary="Download a file's content.")
+async def file_content(file_id: str, request: Request, principal=Depends(require_scope(SCOPE))) -> Response:
+    _, data = await asyncio.to_thread(_kb(request).file_content, principal, file_id)
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.delete("/{file_id}", responses=_ERRORS, summary="Delete a file and its chunks in every vector store.")
+async def delete_file(file_id: str, request: Request, principal=Depends(require_scope(SCOPE))) -> dict[str, Any]:
+    return await asyncio.to_thread(_kb(request).delete_file, principal, file_id)

@@ -1,0 +1,66 @@
+"""POST /v1/responses, GET and DELETE /v1/responses/{id}, GET …/input_items."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.auth import require_scope
+from server.protocol import ErrorResponse, ResponsesRequest
+from server.responses import ResponsesServing
+from server.routes.chat import CLIENT_CLOSED, _wait_for_disconnect
+
+router = APIRouter(prefix="/v1/responses")
+
+_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+
+
+def _memory(request: Request):
+    return request.app.state.runtime.require_memory()
+
+
+@router.post("", responses=_ERRORS, summary="Create a model response (stored and continuable; streamed as typed events when stream is true).")
+async def create_response(body: ResponsesRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
+    started = time.perf_counter()
+    serving = ResponsesServing(request.app.state.runtime.require_chat())
+    turn, shape = await serving.prepare(body, started, principal)
+    headers = {"x-request-id": turn.request_id}
+    if body.stream:
+        events = await serving.open_stream(turn, shape)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    work = asyncio.ensure_future(serving.complete(turn, shape))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return Response(status_code=CLIENT_CLOSED)
+    watcher.cancel()
+    return JSONResponse(work.result(), headers=headers)
+
+
+@router.get("/{response_id}", responses=_ERRORS, summary="Get a stored response.")
+async def get_response(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+    return await asyncio.to_thread(_memory(request).conversations.get_response, principal, response_id)
+
+
+@router.get("/{response_id}/input_items", responses=_ERRORS, summary="List the input items of a stored response.")
+async def list_input_items(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+    items = await asyncio.to_thread(_memory(request).conversations.input_items, principal, response_id)
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": False,
+    }
+
+
+@router.delete("/{response_id}", responses=_ERRORS, summary="Delete a stored response.")
+async def delete_response(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+    await asyncio.to_thread(_memory(request).conversations.delete_response, principal, response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
