@@ -212,7 +212,7 @@ def build_memory(settings: Settings, db, embedder: Embedder | None) -> MemorySer
     vectors = VectorStore.open(settings.data_dir, settings.chroma_url)
     return MemoryServices(
         ConversationStore(db),
-        EpisodicMemory(vectors, embedder, settings.memory_recall_k),
+        EpisodicMemory(db, vectors, embedder, settings.memory_recall_k),
         KnowledgeBase(db, vectors, embedder, settings.data_dir / "files"),
         output_reserve=settings.context_output_reserve,
         summary_tokens=settings.summary_tokens,

@@ -103,6 +103,22 @@ turns = Table(
     Index("ix_turns_owner", "tenant", "user"),
 )
 
+# Episodic memory's text lives here, not in Chroma: Chroma keeps only the vectors and a
+# hashed owner, so forgetting a user leaves no readable trace in the vector files.
+memories = Table(
+    "memories",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("conversation_id", String(64)),
+    Column("turn_id", String(64)),
+    Column("kind", String(16), nullable=False),  # said | fact
+    Column("text", Text, nullable=False),  # redacted
+    Column("created_at", Float, nullable=False),
+    Index("ix_memories_owner", "tenant", "user"),
+)
+
 files = Table(
     "files",
     metadata,
@@ -155,8 +171,19 @@ def connect(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten, not left in free pages: forgetting a user
+            # must leave nothing readable in the file.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
     return engine
+
+
+def purge_wal(engine: Engine) -> None:
+    """Fold SQLite's write-ahead log into the database and truncate it, so deleted rows
+    do not linger in the -wal file (no-op elsewhere)."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

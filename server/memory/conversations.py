@@ -18,7 +18,7 @@ from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from server.auth import Principal
-from server.db import conversations, pending_actions, tool_audit, turns
+from server.db import conversations, pending_actions, purge_wal, tool_audit, turns
 from server.errors import InvalidRequestError, NotFoundError
 
 
@@ -184,4 +184,5 @@ class ConversationStore:
             for name, table in (("turns", turns), ("conversations", conversations), ("tool_audit", tool_audit), ("pending_actions", pending_actions)):
                 result = conn.execute(delete(table).where(table.c.tenant == tenant, table.c.user == user))
                 counts[name] = result.rowcount or 0
+        purge_wal(self.db)
         return counts

@@ -1,11 +1,15 @@
 """Episodic memory: what each user told the assistant, recalled in later conversations.
 
 After a turn, the user's message (redacted) is kept as a `said` memory (questions are
-not: they tell nothing about the user) and each first-person statement in it ("my dog is called Biscuit", "I live in Ghent") as a `fact`;
-facts are keyed by their text, so saying the same thing twice keeps one. Before a turn,
-the memories of that same user most similar to the new message are recalled. Memories
-live in the tenant's `mem` collection and every read and delete filters on the user:
-one user's memory never reaches another user's context.
+not: they tell nothing about the user) and each first-person statement in it ("my dog
+is called Biscuit", "I live in Ghent") as a `fact`; facts are keyed by their text, so
+saying the same thing twice keeps one. Before a turn, the memories of that same user
+most similar to the new message are recalled.
+
+The text is in SQL; Chroma's tenant `mem` collection holds only vectors tagged with a
+hash of the owner. Every recall filters on that owner in Chroma and again in SQL: one
+user's memory never reaches another user's context, and forgetting a user leaves no
+readable trace of them in the vector files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+
+from server.db import memories
 from server.embedder import Embedder
 from server.memory.chunking import split_sentences
 from server.memory.vectors import VectorStore
@@ -39,7 +48,6 @@ class Memory:
     text: str
     kind: str
     score: float
-    conversation_id: str
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "kind": self.kind, "score": round(self.score, 4)}
@@ -55,8 +63,25 @@ def extract_facts(text: str) -> list[str]:
     return facts
 
 
+def owner_tag(tenant: str, user: str) -> str:
+    return hashlib.sha256(f"{tenant}\x00{user}".encode()).hexdigest()[:32]
+
+
+def _public(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "memory",
+        "user": row["user"],
+        "kind": row["kind"],
+        "text": row["text"],
+        "conversation_id": row["conversation_id"],
+        "created_at": int(row["created_at"]),
+    }
+
+
 class EpisodicMemory:
-    def __init__(self, vectors: VectorStore, embedder: Embedder | None, recall_k: int = 4):
+    def __init__(self, db: Engine, vectors: VectorStore, embedder: Embedder | None, recall_k: int = 4):
+        self.db = db
         self.vectors = vectors
         self.embedder = embedder
         self.recall_k = recall_k
@@ -73,84 +98,80 @@ class EpisodicMemory:
             return 0  # "yes", "thanks": nothing to remember
         facts = extract_facts(text)
         items: list[tuple[str, str, str]] = []
-        # The words themselves, unless the facts already hold all of them; a bare
-        # question tells nothing about the user and would only crowd out facts.
+        # The words themselves, unless the facts already hold all of them.
         if facts != [text] and not text.rstrip().endswith("?"):
             items.append(("mem_" + secrets.token_hex(12), text, "said"))
         for fact in facts:
-            digest = hashlib.sha256(f"{user}\x00{fact.lower()}".encode()).hexdigest()[:24]
+            digest = hashlib.sha256(f"{tenant}\x00{user}\x00{fact.lower()}".encode()).hexdigest()[:24]
             items.append((f"mem_{digest}", fact, "fact"))
         if not items:
             return 0
         vectors = await self.embedder.embed([t for _, t, _ in items])
         now = time.time()
-        metadatas: list[Any] = [
-            {"user": user, "conversation_id": conversation_id, "turn_id": turn_id, "kind": kind, "created_at": now} for _, _, kind in items
-        ]
-        await asyncio.to_thread(
-            self._collection(tenant).upsert,
-            ids=[i for i, _, _ in items],
-            embeddings=vectors,
-            documents=[t for _, t, _ in items],
-            metadatas=metadatas,
-        )
+        await asyncio.to_thread(self._write_rows, tenant, user, conversation_id, turn_id, items, now)
+        metadatas: list[Any] = [{"owner": owner_tag(tenant, user), "conversation_id": conversation_id, "kind": kind} for _, _, kind in items]
+        await asyncio.to_thread(self._collection(tenant).upsert, ids=[i for i, _, _ in items], embeddings=vectors, metadatas=metadatas)
         return len(items)
 
+    def _write_rows(self, tenant: str, user: str, conversation_id: str, turn_id: str, items: list[tuple[str, str, str]], now: float) -> None:
+        with self.db.begin() as conn:
+            for mem_id, text, kind in items:
+                values = dict(id=mem_id, tenant=tenant, user=user, conversation_id=conversation_id, turn_id=turn_id, kind=kind, text=text, created_at=now)
+                if self.db.dialect.name == "sqlite":
+                    conn.execute(sqlite_insert(memories).values(**values).on_conflict_do_nothing())
+                elif conn.execute(select(memories.c.id).where(memories.c.id == mem_id)).first() is None:
+                    conn.execute(memories.insert().values(**values))
+
     async def recall(self, tenant: str, user: str, query: str, exclude_conversation: str | None = None) -> list[Memory]:
-        if self.embedder is None or not query.strip():
+        if self.embedder is None or not query.strip() or self.recall_k == 0:
             return []
         vector = (await self.embedder.embed([query]))[0]
-        where: dict[str, Any] = {"user": user}
+        owner = owner_tag(tenant, user)
+        where: dict[str, Any] = {"owner": owner}
         if exclude_conversation:
             # What was said in this conversation is in the window (or its summary) already.
-            where = {"$and": [{"user": user}, {"conversation_id": {"$ne": exclude_conversation}}]}
+            where = {"$and": [{"owner": owner}, {"conversation_id": {"$ne": exclude_conversation}}]}
         found = await asyncio.to_thread(
-            self._collection(tenant).query,
-            query_embeddings=[vector],
-            n_results=self.recall_k * 2,
-            where=where,
-            include=["documents", "metadatas", "distances"],
+            self._collection(tenant).query, query_embeddings=[vector], n_results=self.recall_k * 2, where=where, include=["distances"]
         )
-        out: list[Memory] = []
-        seen: set[str] = set()
-        for mem_id, text, meta, distance in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0]):
-            score = 1.0 - float(distance)
-            # The user filter is in the query; checked again because a leak here is the
-            # one failure this module must never have.
-            if meta.get("user") != user or score < MIN_SCORE or text.lower() in seen:
+        scores = {i: 1.0 - float(d) for i, d in zip(found["ids"][0], found["distances"][0]) if 1.0 - float(d) >= MIN_SCORE}
+        if not scores:
+            return []
+        rows = await asyncio.to_thread(self._rows, tenant, user, list(scores))
+        out, seen = [], set()
+        for row in rows:
+            if row["text"].lower() in seen:
                 continue
-            seen.add(text.lower())
-            out.append(Memory(mem_id, text, str(meta.get("kind")), score, str(meta.get("conversation_id"))))
+            seen.add(row["text"].lower())
+            out.append(Memory(row["id"], row["text"], row["kind"], scores[row["id"]]))
         # Facts first: they are the distilled form of what was said.
         out.sort(key=lambda m: (m.kind != "fact", -m.score))
         return out[: self.recall_k]
 
+    def _rows(self, tenant: str, user: str, ids: list[str]) -> list[Any]:
+        # The owner is checked again here: a leak is the one failure this module must never have.
+        with self.db.connect() as conn:
+            return conn.execute(
+                select(memories).where(memories.c.id.in_(ids), memories.c.tenant == tenant, memories.c.user == user)
+            ).mappings().all()
+
     def list(self, tenant: str, user: str, limit: int = 100) -> list[dict[str, Any]]:
-        got = self._collection(tenant).get(where={"user": user}, include=["documents", "metadatas"])
-        rows = [
-            {
-                "id": mem_id,
-                "object": "memory",
-                "user": meta.get("user"),
-                "kind": meta.get("kind"),
-                "text": text,
-                "conversation_id": meta.get("conversation_id"),
-                "created_at": int(meta.get("created_at", 0)),
-            }
-            for mem_id, text, meta in zip(got["ids"], got["documents"], got["metadatas"])
-        ]
-        rows.sort(key=lambda r: r["created_at"], reverse=True)
-        return rows[:limit]
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(memories).where(memories.c.tenant == tenant, memories.c.user == user).order_by(memories.c.created_at.desc()).limit(limit)
+            ).mappings().all()
+        return [_public(r) for r in rows]
 
     def owner(self, tenant: str, memory_id: str) -> str | None:
-        got = self._collection(tenant).get(ids=[memory_id], include=["metadatas"])
-        return got["metadatas"][0].get("user") if got["ids"] else None
+        with self.db.connect() as conn:
+            return conn.execute(select(memories.c.user).where(memories.c.id == memory_id, memories.c.tenant == tenant)).scalar()
 
     def delete(self, tenant: str, memory_id: str) -> None:
         self._collection(tenant).delete(ids=[memory_id])
+        with self.db.begin() as conn:
+            conn.execute(delete(memories).where(memories.c.id == memory_id, memories.c.tenant == tenant))
 
     def forget(self, tenant: str, user: str) -> int:
-        collection = self._collection(tenant)
-        count = len(collection.get(where={"user": user}, include=[])["ids"])
-        collection.delete(where={"user": user})
-        return count
+        self._collection(tenant).delete(where={"owner": owner_tag(tenant, user)})
+        with self.db.begin() as conn:
+            return conn.execute(delete(memories).where(memories.c.tenant == tenant, memories.c.user == user)).rowcount or 0

@@ -33,7 +33,11 @@ class LiveServer:
     process: subprocess.Popen
     # Keys for the tool tests: "support" acts as demo customer cust_1001 (chat + support
     # tools), "chat_only" as cust_1002 without tool scopes, "operator" may approve actions.
+    # Memory tests: "dana" and "eve" are two users of one tenant, "memory_admin" may
+    # address any user's memory, "globex" is another tenant.
     keys: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> str:
@@ -83,6 +87,11 @@ def live_server(tmp_path_factory) -> LiveServer:
         "support": create_key(data_dir, "--tenant", "acme", "--user", "cust_1001", "--scope", "chat", "--scope", "tools:support"),
         "chat_only": create_key(data_dir, "--tenant", "acme", "--user", "cust_1002", "--scope", "chat"),
         "operator": create_key(data_dir, "--tenant", "acme", "--user", "ops", "--scope", "actions"),
+        "dana": create_key(data_dir, "--tenant", "acme", "--user", "dana", "--scope", "chat"),
+        "eve": create_key(data_dir, "--tenant", "acme", "--user", "eve", "--scope", "chat"),
+        "frank": create_key(data_dir, "--tenant", "acme", "--user", "frank", "--scope", "chat"),
+        "memory_admin": create_key(data_dir, "--tenant", "acme", "--user", "dpo", "--scope", "memory:admin"),
+        "globex": create_key(data_dir, "--tenant", "globex", "--user", "gina"),
     }
     port = free_port()
     log_path = data_dir.parent / "server.log"
@@ -94,33 +103,44 @@ def live_server(tmp_path_factory) -> LiveServer:
         "ENCLAVE_TOOL_OPTIONS": '{"support": {"refund_limit": 50}}',
         # The refund tests make more calls a minute than the pack's default limit allows.
         "ENCLAVE_TOOL_RATE_LIMITS": '{"create_refund": "100/minute"}',
+        # A 2048-token window: the long-conversation test crosses it many times over in
+        # 200 turns without spending minutes on each prompt.
+        "ENCLAVE_ENGINE_OVERRIDES": '{"max_model_len": 2048}',
     }
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, None, keys, port, env)  # type: ignore[arg-type]
+    start(server)
+    yield server
+    stop(server)
+
+
+def start(server: LiveServer) -> None:
+    with server.log_path.open("a") as log:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(server.port)],
+            stdout=log, stderr=subprocess.STDOUT, env=server.env, start_new_session=True,
         )
-    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, process, keys)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_path.read_text()[-4000:]}")
         try:
             if httpx.get(f"{server.root}/ready", timeout=2).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+            server.process.kill()
+            pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{server.log_path.read_text()[-4000:]}")
         time.sleep(1)
-    yield server
-    os.killpg(process.pid, signal.SIGTERM)
+
+
+def stop(server: LiveServer) -> None:
+    os.killpg(server.process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
 
 
 @pytest.fixture(scope="session")
