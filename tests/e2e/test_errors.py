@@ -87,7 +87,7 @@ def test_unknown_route_is_404_openai_shaped(live_server):
 
 def test_client_disconnect_mid_stream_aborts_generation(live_server):
     before = live_server.metric("enclave_requests_aborted_total", reason="client_disconnected")
-    body = {"model": "smollm2", "messages": MSG, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 1500, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{live_server.base_url}/chat/completions", json=body, headers=live_server.headers(), timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
@@ -106,7 +106,7 @@ def test_client_disconnect_mid_stream_aborts_generation(live_server):
 
 def test_client_disconnect_without_stream_aborts_generation(live_server):
     before = live_server.metric("enclave_requests_aborted_total", reason="client_disconnected")
-    body = {"model": "smollm2", "messages": MSG, "max_tokens": 4000, "ignore_eos": True}
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 1500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live_server.base_url}/chat/completions", json=body, headers=live_server.headers(), timeout=1.0)
     closed_at = time.monotonic()

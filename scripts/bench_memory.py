@@ -1,0 +1,156 @@
+"""What memory and knowledge cost: ingest throughput, search latency at 10k and 100k
+chunks, and the TTFT a stateful turn (history + recall + retrieval) adds over a
+stateless one.
+
+    python scripts/bench_memory.py [--docs 60] [--sizes 10000 100000] [--rounds 5]
+
+Ingest and search run in this process on the real embedding model and Chroma on disk.
+For the large sizes, the index is filled with noisy copies of real chunk vectors (real
+embedding of 100k chunks takes a long time on 2 cores and tells nothing more about the
+index); queries are real questions, embedded per query. The TTFT part starts one server
+and alternates stateless and stateful turns in the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import free_port, start, stop, wait_ready
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.auth import ANONYMOUS
+from server.db import connect, sqlite_url
+from server.embedder import Embedder, packaged_model_dir
+from server.memory.knowledge import KnowledgeBase
+from server.memory.vectors import VectorStore
+from tests.e2e.handbook import QUESTIONS, write_handbook
+
+TOPICS = ["refunds", "shipping", "passwords", "invoices", "warranty", "routers", "accounts", "returns", "billing", "privacy"]
+
+
+def synthetic_doc(i: int) -> str:
+    topic = TOPICS[i % len(TOPICS)]
+    parts = [f"# {topic.title()} guide {i}"]
+    for s in range(6):
+        parts.append(f"## Section {s}")
+        parts.append(" ".join(f"Rule {i}.{s}.{k}: customers asking about {topic} get answer number {k * 7 + s} within {k + 2} days." for k in range(12)))
+    return "\n\n".join(parts)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def ingest_and_search(args: argparse.Namespace, work: Path) -> None:
+    embedder = Embedder(packaged_model_dir(), "all-MiniLM-L6-v2")
+    db = connect(sqlite_url(work / "bench.db"))
+    kb = KnowledgeBase(db, VectorStore.open(work), embedder, work / "files")
+    store = kb.create_store(ANONYMOUS, "bench", None)["id"]
+    files = [kb.create_file(ANONYMOUS, f"doc{i}.md", synthetic_doc(i).encode(), "assistants")["id"] for i in range(args.docs)]
+    t0 = time.perf_counter()
+    chunks = 0
+    for file_id in files:
+        chunks += (await kb.add_file(ANONYMOUS, store, file_id))["chunks"]
+    elapsed = time.perf_counter() - t0
+    print(f"ingest: {args.docs} documents, {chunks} chunks in {elapsed:.1f} s = {chunks / elapsed:.0f} chunks/s (chunk + embed + index)")
+
+    got = kb._kb(ANONYMOUS.tenant).get(where={"vector_store_id": store}, include=["embeddings"])
+    base = np.asarray(got["embeddings"], dtype=np.float32)
+    questions = [q for q, _, _ in QUESTIONS] + [f"How long do {t} take?" for t in TOPICS]
+    rng = np.random.default_rng(0)
+    for size in args.sizes:
+        big = kb.create_store(ANONYMOUS, f"bench-{size}", None)["id"]
+        collection = kb._kb(ANONYMOUS.tenant)
+        t0 = time.perf_counter()
+        for start_at in range(0, size, 2000):
+            n = min(2000, size - start_at)
+            picks = base[rng.integers(0, len(base), n)] + rng.normal(0, 0.05, (n, base.shape[1])).astype(np.float32)
+            picks /= np.linalg.norm(picks, axis=1, keepdims=True)
+            collection.add(
+                ids=[f"{big}:x:{start_at + j}" for j in range(n)],
+                embeddings=picks,
+                documents=[f"chunk {start_at + j}" for j in range(n)],
+                metadatas=[{"vector_store_id": big, "file_id": "x", "filename": "x.md", "chunk_index": start_at + j} for j in range(n)],
+            )
+        fill = time.perf_counter() - t0
+        for q in questions[:3]:
+            await kb.search(ANONYMOUS, [big], q, 5)  # warm
+        latencies = []
+        for r in range(args.queries):
+            q = questions[r % len(questions)]
+            t = time.perf_counter()
+            await kb.search(ANONYMOUS, [big], q, 5)
+            latencies.append((time.perf_counter() - t) * 1000)
+        print(f"search @ {size:>6} chunks: p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms "
+              f"({args.queries} queries, embedding included; index filled in {fill:.0f} s)")
+
+
+def ttft(client: httpx.Client, path: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if ('"delta":{"content":"' in line and '"content":""' not in line) or '"response.output_text.delta"' in line:
+                return (time.perf_counter() - t0) * 1000
+    raise RuntimeError("no text in the stream")
+
+
+def turn_ttft(args: argparse.Namespace, work: Path) -> None:
+    docs = write_handbook(work / "handbook")
+    data = work / "server"
+    port = free_port()
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    proc = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, work / "server.log")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready", proc, work / "server.log")
+        url = f"http://127.0.0.1:{port}/v1"
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "server.cli", "ingest", str(docs), "--store", "handbook", "--url", url], check=True, capture_output=True)
+        client = httpx.Client(base_url=url, timeout=300)
+        store = client.get("/vector_stores").json()["data"][0]["id"]
+        client.post("/responses", json={"model": "smollm2", "input": "My name is Robin and I live in Leuven.", "max_output_tokens": 8}).raise_for_status()
+        prev = None
+        for i in range(6):  # a conversation with some history
+            prev = client.post("/responses", json={"model": "smollm2", "input": f"Question {i} about my order.", "max_output_tokens": 16, "previous_response_id": prev}).json()["id"]
+        plain, stateful = [], []
+        for r in range(args.rounds):
+            for q, _, _ in QUESTIONS:
+                a = lambda: plain.append(ttft(client, "/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": q}], "max_tokens": 4, "temperature": 0}))  # noqa: E731
+                b = lambda: stateful.append(ttft(client, "/responses", {"model": "smollm2", "input": q, "previous_response_id": prev, "store": False, "max_output_tokens": 4, "temperature": 0, "tools": [{"type": "file_search", "vector_store_ids": [store], "max_num_results": 3}]}))  # noqa: E731
+                for step in ((a, b) if r % 2 == 0 else (b, a)):
+                    step()
+        p, s = statistics.median(plain), statistics.median(stateful)
+        print(f"TTFT p50: stateless {p:.0f} ms, with history + memory recall + retrieval (3 sources) {s:.0f} ms: "
+              f"+{s - p:.0f} ms, ratio {s / p:.2f} ({len(plain)} turns each, alternating)")
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=60)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-ttft", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="enclave-bench-memory-"))
+    asyncio.run(ingest_and_search(args, work))
+    if not args.skip_ttft:
+        turn_ttft(args, work)
+
+
+if __name__ == "__main__":
+    main()
