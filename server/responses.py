@@ -21,7 +21,7 @@ from server.errors import EnclaveError, InvalidRequestError
 from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.toolcalls.format import call_text
-from server.turn import ChatServing, Turn, TurnOutput
+from server.turn import ChatServing, Turn, TurnOutput, first_event
 
 _CITE = re.compile(r"\[(\d{1,2})\]")
 DEFAULT_MAX_RESULTS = 4
@@ -321,14 +321,7 @@ class ResponsesServing:
     async def open_stream(self, turn: Turn, shape: _Shape) -> AsyncIterator[str]:
         """Start generating; errors before the first event raise (a normal HTTP error)."""
         progress, events = self.chat.event_stream(turn)
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await events.aclose()
-            raise
-        return self._sse(turn, shape, progress, events, first)
+        return self._sse(turn, shape, progress, events, await first_event(events))
 
     async def _sse(self, turn: Turn, shape: _Shape, progress: Any, events: AsyncIterator[Any], first: Any) -> AsyncIterator[str]:
         seq = 0

@@ -138,6 +138,18 @@ class _Event:
     name: str = ""
 
 
+async def first_event(events: AsyncIterator[Any]) -> Any:
+    """Run a stream up to its first event, so that errors raised before anything was
+    sent become a normal HTTP error rather than an error inside a 200 stream."""
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await events.aclose()
+        raise
+
+
 class ChatServing:
     def __init__(
         self,
@@ -531,14 +543,7 @@ class ChatServing:
         """Start generating and return the SSE body; errors before the first event raise."""
         progress = _Progress()
         events = self._events(turn, progress)
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await events.aclose()
-            raise
-        return self._sse(turn, progress, events, first)
+        return self._sse(turn, progress, events, await first_event(events))
 
     async def _sse(self, turn: Turn, progress: _Progress, events: AsyncIterator[_Event], first: _Event | None) -> AsyncIterator[str]:
         include_usage = bool(turn.request.stream_options and turn.request.stream_options.include_usage)

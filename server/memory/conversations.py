@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from server.auth import Principal
 from server.db import conversations, pending_actions, purge_wal, tool_audit, turns
@@ -78,7 +79,7 @@ class ConversationStore:
                 return Thread(row["id"], row["head"], depth)
             try:
                 self._create(principal, name)
-            except Exception:  # another request created it at the same moment: read it
+            except IntegrityError:  # another request created it at the same moment: read it
                 continue
         raise NotFoundError(f"conversation {name!r} could not be opened", param="conversation")
 

@@ -116,7 +116,7 @@ class EpisodicMemory:
     def _write_rows(self, tenant: str, user: str, conversation_id: str, turn_id: str, items: list[tuple[str, str, str]], now: float) -> None:
         with self.db.begin() as conn:
             for mem_id, text, kind in items:
-                values = dict(id=mem_id, tenant=tenant, user=user, conversation_id=conversation_id, turn_id=turn_id, kind=kind, text=text, created_at=now)
+                values = {"id": mem_id, "tenant": tenant, "user": user, "conversation_id": conversation_id, "turn_id": turn_id, "kind": kind, "text": text, "created_at": now}
                 if self.db.dialect.name == "sqlite":
                     conn.execute(sqlite_insert(memories).values(**values).on_conflict_do_nothing())
                 elif conn.execute(select(memories.c.id).where(memories.c.id == mem_id)).first() is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,14 +40,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if body.stream:
         events = await serving.open_stream(turn)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    # A non-streaming client that hangs up would otherwise keep its generation running
-    # to the end; race the generation against the disconnect and cancel the loser.
-    work = asyncio.ensure_future(serving.complete(turn))
+    return await complete_unless_disconnected(request, serving.complete(turn), headers)
+
+
+async def complete_unless_disconnected(request: Request, work: Awaitable[Any], headers: dict[str, str]) -> Response:
+    """A non-streaming client that hangs up would otherwise keep its generation running
+    to the end; race the generation against the disconnect and cancel the loser."""
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=CLIENT_CLOSED)
     watcher.cancel()
-    return JSONResponse(work.result().model_dump(), headers=headers)
+    result = task.result()
+    return JSONResponse(result.model_dump() if hasattr(result, "model_dump") else result, headers=headers)

@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from server.auth import require_scope
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
-from server.routes.chat import CLIENT_CLOSED, _wait_for_disconnect
+from server.routes.chat import complete_unless_disconnected
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -32,15 +32,7 @@ async def create_response(body: ResponsesRequest, request: Request, principal=De
     if body.stream:
         events = await serving.open_stream(turn, shape)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    work = asyncio.ensure_future(serving.complete(turn, shape))
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        return Response(status_code=CLIENT_CLOSED)
-    watcher.cancel()
-    return JSONResponse(work.result(), headers=headers)
+    return await complete_unless_disconnected(request, serving.complete(turn, shape), headers)
 
 
 @router.get("/{response_id}", responses=_ERRORS, summary="Get a stored response.")
