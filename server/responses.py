@@ -304,8 +304,7 @@ class ResponsesServing:
         shape = _Shape(req, ctx, response_id, self.chat.model)
 
         def build(out: TurnOutput, usage: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-            shape.extensions = self.chat.extensions(turn)
-            return shape.response("completed", shape.output(out), usage, out.finish_reason), input_items
+            return self._final(turn, shape, shape.output(out), usage, out.finish_reason), input_items
 
         turn.build_response = build
         return turn, shape
@@ -315,8 +314,12 @@ class ResponsesServing:
         out = TurnOutput()
         async for ev in events:
             out.add(ev)
+        return self._final(turn, shape, shape.output(out), self.chat.usage(progress), out.finish_reason)
+
+    def _final(self, turn: Turn, shape: _Shape, output: list[dict[str, Any]], usage: Any, finish: str | None) -> dict[str, Any]:
+        """The finished response object, as returned, streamed last and stored."""
         shape.extensions = self.chat.extensions(turn)
-        return shape.response("completed", shape.output(out), self.chat.usage(progress), out.finish_reason)
+        return shape.response("completed", output, usage, finish)
 
     async def open_stream(self, turn: Turn, shape: _Shape) -> AsyncIterator[str]:
         """Start generating; errors before the first event raise (a normal HTTP error)."""
@@ -394,8 +397,7 @@ class ResponsesServing:
                 yield frame
             if not any(i["type"] == "message" for i in items) and not out.calls:
                 items.append(shape.message_item(""))  # an empty answer is still a message
-            shape.extensions = self.chat.extensions(turn)
-            yield emit("response.completed", response=shape.response("completed", items, self.chat.usage(progress), out.finish_reason))
+            yield emit("response.completed", response=self._final(turn, shape, items, self.chat.usage(progress), out.finish_reason))
         except EnclaveError as exc:
             detail = exc.to_body()["error"]
             yield emit("error", code=detail.get("code"), message=detail.get("message"), param=detail.get("param"))

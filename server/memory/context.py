@@ -44,7 +44,7 @@ class ContextRequest:
     store: bool = True
     memory: bool = True
     vector_store_ids: list[str] = field(default_factory=list)
-    max_results: int = 4
+    max_results: int = 4  # sources per turn (the file_search tool's max_num_results)
     # Filled in by `assemble`.
     window: Window | None = None
     recalled: list[Memory] = field(default_factory=list)
@@ -100,7 +100,6 @@ class MemoryServices:
     async def assemble(self, engine: Engine, principal: Principal, ctx: ContextRequest, reserve: int, request_id: str) -> list[dict[str, str]]:
         """The turn's messages; `reserve` tokens stay free for the answer (and tool definitions)."""
         thread = ctx.thread
-        history_task = asyncio.to_thread(self.conversations.history, thread) if thread else None
         query = ctx.query
         recall = (
             self.episodic.recall(principal.tenant, principal.user, query, thread.conversation_id if thread else None)
@@ -112,9 +111,11 @@ class MemoryServices:
             if ctx.vector_store_ids and query
             else _nothing()
         )
-        ctx.recalled, hits = await asyncio.gather(recall, retrieve)
+        # History, recall and retrieval are independent: read them at the same time.
+        history, ctx.recalled, hits = await asyncio.gather(
+            asyncio.to_thread(self.conversations.history, thread) if thread else _none(), recall, retrieve
+        )
         ctx.sources = [h for h in hits if h.score >= MIN_SOURCE_SCORE]
-        history = await history_task if history_task else None
         blocks = []
         if ctx.sources:
             blocks.append(SOURCES_HEADER + "\n" + "\n".join(f"[{i + 1}] ({h.filename}) {h.text}" for i, h in enumerate(ctx.sources)))
@@ -163,3 +164,7 @@ class MemoryServices:
 
 async def _nothing() -> list:
     return []
+
+
+async def _none() -> None:
+    return None

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from server.auth import Principal
 from server.db import files, vector_store_files, vector_stores
 from server.embedder import Embedder
-from server.errors import InvalidRequestError, NotFoundError
+from server.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from server.memory.chunking import chunk_sections, document_kind, extract_sections
 from server.memory.vectors import VectorStore
 
@@ -233,8 +233,6 @@ class KnowledgeBase:
 
     def _require_embedder(self) -> Embedder:
         if self.embedder is None:
-            from server.errors import ServiceUnavailableError
-
             raise ServiceUnavailableError("the embedding model is still loading; retry shortly")
         return self.embedder
 
