@@ -28,6 +28,7 @@ from server.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from server.guard import Guard, GuardAudit
 from server.memory.context import MemoryServices
 from server.memory.conversations import ConversationStore
 from server.memory.episodic import EpisodicMemory
@@ -58,13 +59,20 @@ class Runtime:
     """What the routes reach through app.state.runtime; filled in as loading finishes."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, keys: KeyStore, executor: Executor | None = None, memory: MemoryServices | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        keys: KeyStore,
+        executor: Executor | None = None,
+        memory: MemoryServices | None = None,
+        guard: Guard | None = None,
     ):
         self.settings = settings
         self.metrics = metrics
         self.keys = keys
         self.executor = executor
         self.memory = memory
+        self.guard = guard
         self.started = int(time.time())
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None
@@ -101,8 +109,14 @@ class Runtime:
         if self.memory is not None:
             self.memory.episodic.embedder = embedder
             self.memory.knowledge.embedder = embedder
+        if self.guard is not None:
+            self.guard.bind(embedder, engine)
+            if self.memory is not None:
+                self.memory.guard = self.guard
+            if self.executor is not None:
+                self.executor.guard = self.guard
         self.chat = ChatServing(
-            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps, self.memory
+            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps, self.memory, self.guard
         )
         self.metrics.watch_engine(engine.num_unfinished_requests)
         self.metrics.ready.set(1 if self.ready else 0)
@@ -136,6 +150,9 @@ class Runtime:
         """
         try:
             embedder, engine = await asyncio.to_thread(self._load_blocking)
+            if self.guard is not None:
+                self.guard.bind(embedder, engine)
+                await self.guard.warm_up()
         except Exception as exc:  # any failure here means the server cannot serve
             self.load_error = f"loading failed: {exc}"
             log.exception("loading the models failed; shutting down")
@@ -227,7 +244,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     # stops start-up with a message instead of failing the first request.
     db = connect(settings.resolved_database_url)
     executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, build_memory(settings, db, embedder))
+    guard = None
+    if settings.rails:
+        # Loaded and validated before binding: a broken rails/ stops start-up here.
+        guard = Guard(settings.rails_dir, metrics)
+        guard.audit = GuardAudit(db)
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, build_memory(settings, db, embedder), guard)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)

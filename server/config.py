@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # Length cap of the running summary of older turns.
     summary_tokens: int = Field(160, ge=32, le=2048)
     # Memories recalled into a turn.
+    # Guardrails: a NeMo Guardrails configuration directory, run around every turn.
+    rails: bool = True
+    rails_dir: Path = PROJECT_ROOT / "rails"
     memory_recall_k: int = Field(4, ge=0, le=32)
 
     @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")

@@ -45,6 +45,21 @@ tool_audit = Table(
     Column("action_id", String(64)),
 )
 
+# Every rail that blocked, masked or neutralised something; the reason, never the text.
+guard_events = Table(
+    "guard_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("request_id", String(64), index=True),
+    Column("tenant", String(128)),
+    Column("user", String(128)),
+    Column("stage", String(32), nullable=False),
+    Column("rail", String(128), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("reason", Text),
+)
+
 pending_actions = Table(
     "pending_actions",
     metadata,

@@ -20,6 +20,7 @@ from server.auth import Principal
 from server.errors import EnclaveError, InvalidRequestError
 from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest, ResponsesRequest
+from server.telemetry.redaction import mask_pii
 from server.toolcalls.format import call_text
 from server.turn import ChatServing, Turn, TurnOutput, first_event
 
@@ -98,6 +99,20 @@ def input_messages(req: ResponsesRequest) -> tuple[list[dict[str, str]], list[di
     if not messages:
         raise InvalidRequestError("input needs at least one user, assistant or tool item", param="input")
     return messages, stored, "\n\n".join(system)
+
+
+def _masked_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items with personal data masked in their text (the guardrails mask the
+    messages the model sees; the stored items must not keep what they removed)."""
+    out = []
+    for item in items:
+        item = dict(item)
+        if isinstance(item.get("content"), list):
+            item["content"] = [{**part, "text": mask_pii(part["text"])[0]} if isinstance(part.get("text"), str) else part for part in item["content"]]
+        if isinstance(item.get("output"), str):
+            item["output"] = mask_pii(item["output"])[0]
+        out.append(item)
+    return out
 
 
 def split_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any, list[str], int]:
@@ -301,6 +316,8 @@ class ResponsesServing:
         ctx = ContextRequest(instructions, new_messages, thread, store=req.store, vector_store_ids=stores, max_results=max_results)
         response_id = f"resp_{_hex()}"
         turn = await self.chat.prepare_stateful(request, started, principal, ctx, request_id=response_id)
+        if self.chat.guard is not None:
+            input_items = _masked_items(input_items)  # stored as the model saw them
         shape = _Shape(req, ctx, response_id, self.chat.model)
 
         def build(out: TurnOutput, usage: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

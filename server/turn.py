@@ -35,6 +35,7 @@ from server.errors import (
     ModelNotFoundError,
     NotFoundError,
 )
+from server.guard import Guard, GuardEvent, OutputWindow, Verdict
 from server.memory.context import ContextRequest, MemoryServices
 from server.protocol import (
     AssistantMessage,
@@ -50,6 +51,7 @@ from server.protocol import (
     logprobs_out,
 )
 from server.telemetry.metrics import Metrics
+from server.telemetry.redaction import mask_pii
 from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.executor import Executor, ToolResult, public_action
 from server.toolcalls.format import (
@@ -90,6 +92,9 @@ class Turn:
     context: ContextRequest | None = None
     # Builds the stored API object (the Responses API's) from the finished output.
     build_response: Any = None
+    # Guardrails: what the rails changed or stopped, and the input verdict if it blocked.
+    guard_events: list[GuardEvent] = field(default_factory=list)
+    refusal: Verdict | None = None
 
 
 @dataclass
@@ -160,6 +165,7 @@ class ChatServing:
         executor: Executor | None = None,
         max_tool_steps: int = 5,
         memory: MemoryServices | None = None,
+        guard: Guard | None = None,
     ):
         self.engine = engine
         self.metrics = metrics
@@ -168,6 +174,7 @@ class ChatServing:
         self.executor = executor
         self.max_tool_steps = max_tool_steps
         self.memory = memory
+        self.guard = guard
         self.model = engine.served_model
         # Label children resolved once: the per-token path should not hash label dicts.
         self._tokens_out = metrics.generation_tokens.labels(model=self.model)
@@ -187,13 +194,45 @@ class ChatServing:
             raise InvalidRequestError("n must be 1 when server tools are used", param="n")
         return plan
 
-    def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal = ANONYMOUS) -> Turn:
+    async def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal = ANONYMOUS) -> Turn:
         """A stateless turn: the request's messages are the whole context."""
         plan = self._plan(request, principal)
-        messages = request.chat_messages()
-        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, messages=messages, plan=plan, principal=principal)  # type: ignore[arg-type]
+        turn = Turn(f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, plan=plan, principal=principal)  # type: ignore[arg-type]
+        turn.messages = await self._guard_input(turn, request.chat_messages())
         self._render_step(turn, plan.choice if plan else "none")
         return turn
+
+    async def _guard_input(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages as the model may see them: the new user message through the input
+        rails (masked, or the turn refused), new tool results through the tool-result
+        rails (instructions neutralised), and personal data masked in the rest of the
+        history the client sent. Runs before memory, retrieval, logs or the model see them."""
+        if self.guard is None:
+            return messages
+        guard = self.guard
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        checks: dict[int, Any] = {}
+        if last_user >= 0 and messages[last_user].get("content"):
+            checks[last_user] = guard.check("input", messages[last_user]["content"])
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" and i > last_assistant and m.get("content"):
+                checks[i] = guard.check("tool_result", m["content"])
+        verdicts = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+        out = []
+        for i, m in enumerate(messages):
+            v = verdicts.get(i)
+            if v is not None:
+                turn.guard_events += v.events
+                if v.blocked:
+                    turn.refusal = v
+                    m = {**m, "content": mask_pii(m["content"])[0]}
+                else:
+                    m = {**m, "content": v.text}
+            elif m["role"] != "system" and m.get("content"):
+                m = {**m, "content": mask_pii(m["content"])[0]}
+            out.append(m)
+        return out
 
     async def prepare_stateful(
         self, request: ChatCompletionRequest, started: float, principal: Principal, ctx: ContextRequest, request_id: str | None = None
@@ -206,6 +245,14 @@ class ChatServing:
         if request.n > 1:
             raise InvalidRequestError("n must be 1 in a stored conversation or with knowledge retrieval", param="n")
         turn = Turn(request_id or f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, plan=plan, principal=principal, context=ctx)  # type: ignore[arg-type]
+        ctx.new_messages = await self._guard_input(turn, ctx.new_messages)
+        if turn.refusal is not None:
+            # A refused turn is stored (the user's masked words and the refusal) but
+            # never becomes a memory, and retrieves nothing.
+            ctx.memory, ctx.vector_store_ids = False, []
+            turn.messages = ctx.new_messages
+            self._render_step(turn, "none")
+            return turn
         max_out = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         # The tool definitions join the system message later; keep room for them.
         tool_tokens = self.engine.count_tokens(tools_prompt(plan, "auto")) + 8 if plan is not None else 0
@@ -217,7 +264,8 @@ class ChatServing:
     def _render_step(self, turn: Turn, choice: str) -> None:
         """Prompt and parameters for the next generation step under `choice`."""
         plan = turn.plan
-        prompt = self.engine.render_chat(with_tools_prompt(turn.messages, plan, choice))
+        messages = self.guard.mark_system_prompt(turn.messages) if self.guard is not None else turn.messages
+        prompt = self.engine.render_chat(with_tools_prompt(messages, plan, choice))
         params = turn.request.to_generation_params(len(prompt), self.engine.max_model_len)
         if plan is not None and choice != "none":
             tools = plan.tools if choice in ("auto", "required") else [plan.by_name[choice]]
@@ -286,17 +334,89 @@ class ChatServing:
 
     async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
         output = TurnOutput() if turn.context is not None else None
-        if turn.plan is None or not turn.plan.has_server_tools:
+        if turn.refusal is not None:
+            events = self._refusal_events(turn)
+        elif turn.plan is None or not turn.plan.has_server_tools:
             events = self._step_events(turn, progress, turn.request_id, server=set())
         else:
             events = self._loop_events(turn, progress)
+        if turn.refusal is None and self.guard is not None and self.guard.has("output"):
+            events = self._guard_output(turn, events)
         async for ev in events:
             if output is not None:
                 output.add(ev)
             yield ev
         self._e2e.observe(time.perf_counter() - turn.started)
+        if self.guard is not None:
+            await self._audit_guard(turn)
         if output is not None:
             await self._after_turn(turn, output, progress)
+
+    async def _refusal_events(self, turn: Turn) -> AsyncIterator[_Event]:
+        assert turn.refusal is not None
+        for i in range(turn.params.n):
+            yield _Event("text", i, turn.refusal.text)
+            yield _Event("finish", i, text="content_filter")
+
+    def _all_guard_events(self, turn: Turn) -> list[GuardEvent]:
+        return turn.guard_events + (turn.context.guard_events if turn.context is not None else [])
+
+    async def _audit_guard(self, turn: Turn) -> None:
+        assert self.guard is not None
+        events = self._all_guard_events(turn)
+        for e in events:
+            log.info("guardrails %s %s %s: %s (%s)", turn.request_id, e.stage, e.action, e.rail, e.reason)
+        if events and self.guard.audit is not None:
+            p = turn.principal
+            await asyncio.to_thread(self.guard.audit.write, turn.request_id, p.tenant, p.user, events)
+
+    async def _guard_output(self, turn: Turn, events: AsyncIterator[_Event]) -> AsyncIterator[_Event]:
+        """Text through the output rails in checked windows (guard.OutputWindow), per
+        choice. A blocked window ends its choice with the refusal and finish_reason
+        "content_filter"; generation stops once every choice is done."""
+        assert self.guard is not None
+        system = next((m["content"] for m in turn.messages if m["role"] == "system"), "")
+        windows: dict[int, OutputWindow] = {}
+        stopped: set[int] = set()
+
+        async def release(i: int, final: bool) -> AsyncIterator[_Event]:
+            w = windows.get(i)
+            if w is None:
+                return
+            text, logprobs = await w.release(final)
+            if w.blocked:
+                assert w.verdict is not None
+                stopped.add(i)
+                turn.guard_events += w.events
+                w.events = []
+                yield _Event("text", i, ("\n\n" if w.released else "") + w.verdict.text)
+                yield _Event("finish", i, text="content_filter")
+            elif text or logprobs:
+                turn.guard_events += w.events
+                w.events = []
+                yield _Event("text", i, text, logprobs)
+
+        try:
+            async for ev in events:
+                i = ev.index
+                if i in stopped:
+                    continue
+                if ev.kind == "text":
+                    w = windows.setdefault(i, self.guard.output_window(system))
+                    w.add(ev.text, ev.logprobs)
+                    if w.due():
+                        async for out in release(i, final=False):
+                            yield out
+                else:
+                    # A tool call or the finish: the text before it is complete.
+                    async for out in release(i, final=True):
+                        yield out
+                    if i not in stopped:
+                        yield ev
+                if len(stopped) == turn.params.n:
+                    break
+        finally:
+            await events.aclose()
 
     async def _after_turn(self, turn: Turn, output: TurnOutput, progress: _Progress) -> None:
         """Store a finished stateful turn (before the client hears it is done: a stored
@@ -409,6 +529,8 @@ class ChatServing:
             seen |= signatures
             ctx = ToolContext(turn.principal.tenant, turn.principal.user, turn.principal.key_id, turn.request_id, turn.messages)
             results = await executor.run([(c.id, c.name, c.arguments) for c in server_calls], turn.principal, ctx)
+            for r in results:
+                turn.guard_events += r.guard_events
             turn.server_calls.extend(results)
             shown_calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
             turn.messages = turn.messages + [{"role": "assistant", "content": call_text(shown_calls)}]
@@ -485,6 +607,8 @@ class ChatServing:
             out["server_tool_calls"] = [r.public() for r in turn.server_calls]
         if turn.pending_action is not None:
             out["pending_action"] = turn.pending_action
+        if self.guard is not None:
+            out["guardrails"] = [e.public() for e in self._all_guard_events(turn)]
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

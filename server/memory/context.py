@@ -9,6 +9,7 @@ routes only say which conversation, which stores and whether to store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class ContextRequest:
     window: Window | None = None
     recalled: list[Memory] = field(default_factory=list)
     sources: list[Hit] = field(default_factory=list)
+    guard_events: list[Any] = field(default_factory=list)  # the retrieval rails' (guard.GuardEvent)
 
     @property
     def query(self) -> str:
@@ -79,6 +81,7 @@ class MemoryServices:
         self.knowledge = knowledge
         self.output_reserve = output_reserve
         self.summary_tokens = summary_tokens
+        self.guard: Any = None  # server.guard.Guard, set when the rails are loaded
 
     async def for_chat(self, request: ChatCompletionRequest, principal: Principal) -> ContextRequest | None:
         """The context of a chat completion, or None when it is stateless: a named
@@ -115,7 +118,7 @@ class MemoryServices:
         history, ctx.recalled, hits = await asyncio.gather(
             asyncio.to_thread(self.conversations.history, thread) if thread else _none(), recall, retrieve
         )
-        ctx.sources = [h for h in hits if h.score >= MIN_SOURCE_SCORE]
+        ctx.sources = await self._guard_sources(ctx, [h for h in hits if h.score >= MIN_SOURCE_SCORE])
         blocks = []
         if ctx.sources:
             blocks.append(SOURCES_HEADER + "\n" + "\n".join(f"[{i + 1}] ({h.filename}) {h.text}" for i, h in enumerate(ctx.sources)))
@@ -138,6 +141,21 @@ class MemoryServices:
             ctx.recalled = []
         ctx.window = window
         return window.messages
+
+    async def _guard_sources(self, ctx: ContextRequest, hits: list[Hit]) -> list[Hit]:
+        """Retrieved chunks through the retrieval rails: instructions hidden in a document
+        (indirect prompt injection) are removed and personal data masked; a chunk that
+        is blocked, or left with nothing but removed instructions, is dropped."""
+        if self.guard is None or not hits or not self.guard.has("retrieval"):
+            return hits
+        verdicts = await asyncio.gather(*(self.guard.check("retrieval", h.text) for h in hits))
+        kept = []
+        for h, v in zip(hits, verdicts, strict=True):
+            ctx.guard_events += v.events
+            if v.blocked or self.guard.nothing_left(v.text):
+                continue
+            kept.append(dataclasses.replace(h, text=v.text) if v.text != h.text else h)
+        return kept
 
     async def persist(
         self,

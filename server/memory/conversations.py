@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from server.auth import Principal
-from server.db import conversations, pending_actions, purge_wal, tool_audit, turns
+from server.db import conversations, guard_events, pending_actions, purge_wal, tool_audit, turns
 from server.errors import InvalidRequestError, NotFoundError
 
 
@@ -182,7 +182,7 @@ class ConversationStore:
         """Remove every row that names this user: conversations, turns, tool audit, actions."""
         counts: dict[str, int] = {}
         with self.db.begin() as conn:
-            for name, table in (("turns", turns), ("conversations", conversations), ("tool_audit", tool_audit), ("pending_actions", pending_actions)):
+            for name, table in (("turns", turns), ("conversations", conversations), ("tool_audit", tool_audit), ("pending_actions", pending_actions), ("guard_events", guard_events)):
                 result = conn.execute(delete(table).where(table.c.tenant == tenant, table.c.user == user))
                 counts[name] = result.rowcount or 0
         purge_wal(self.db)

@@ -35,7 +35,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     runtime = request.app.state.runtime
     serving = runtime.require_chat()
     ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
-    turn = await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else serving.prepare(body, started, principal)
+    turn = await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
     headers = {"x-request-id": turn.request_id}
     if body.stream:
         events = await serving.open_stream(turn)

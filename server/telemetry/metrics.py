@@ -2,12 +2,59 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from collections import deque
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
 
 # Buckets sized for a CPU box (hundreds of ms) up to a loaded GPU fleet (tens of seconds).
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+# Rails take milliseconds; their latency is the guardrails' whole cost.
+_RAIL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class RecentQuantiles:
+    """p50 and p95 per rail over its last observations, computed at scrape time.
+    (prometheus_client's Summary has no quantiles; the histogram above is for
+    aggregating across replicas, this is the direct reading.)"""
+
+    WINDOW = 2048
+
+    def __init__(self) -> None:
+        self._samples: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, stage: str, rail: str, seconds: float) -> None:
+        with self._lock:
+            self._samples.setdefault((stage, rail), deque(maxlen=self.WINDOW)).append(seconds)
+
+    def quantiles(self, stage: str, rail: str) -> dict[str, float]:
+        with self._lock:
+            values = sorted(self._samples.get((stage, rail), ()))
+        if not values:
+            return {}
+        return {q: values[min(len(values) - 1, int(float(q) * len(values)))] for q in ("0.5", "0.95")}
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "enclave_rail_latency_recent_seconds", "Rail latency quantiles over the last 2048 runs of each rail", labels=["stage", "rail", "quantile"]
+        )
+        with self._lock:
+            keys = list(self._samples)
+        for stage, rail in keys:
+            for q, v in self.quantiles(stage, rail).items():
+                family.add_metric([stage, rail, q], v)
+        yield family
 
 
 class Metrics:
@@ -24,6 +71,10 @@ class Metrics:
         self.finished = Counter("enclave_requests_finished", "Generations by finish reason", ["model", "finish_reason"], registry=r)
         self.embedding_inputs = Counter("enclave_embedding_inputs", "Texts embedded", ["model"], registry=r)
         self.engine_unfinished = Gauge("enclave_engine_unfinished_requests", "Requests the engine holds (running or waiting)", registry=r)
+        self.rail_latency = Histogram("enclave_rail_latency_seconds", "Time one rail took", ["stage", "rail"], buckets=_RAIL, registry=r)
+        self.rail_verdicts = Counter("enclave_rail_verdicts", "Rail outcomes by rail", ["stage", "rail", "verdict"], registry=r)
+        self.rail_quantiles = RecentQuantiles()
+        r.register(self.rail_quantiles)
         self.ready = Gauge("enclave_ready", "1 once the engine and embedder are loaded", registry=r)
 
     def watch_engine(self, unfinished: Callable[[], int]) -> None:

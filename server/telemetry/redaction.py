@@ -1,25 +1,127 @@
-"""Redaction of personal data before anything is written to a log or audit trail."""
+"""Personal data: one detector for the PII rails, logs, audit records and memory.
+
+Structured identifiers are validated, not just shape-matched, so that order numbers
+and timestamps are not masked: card numbers pass the Luhn check, IBANs the ISO 7064
+mod-97 check, US social security numbers the SSA's never-issued ranges. The same
+function masks a user's message before the model sees it and a log line before it is
+written, so what is protected in one place is protected everywhere.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-_PATTERNS = [
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[EMAIL]"),
-    (re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), "[IBAN]"),
-    (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "[CARD]"),
-    (re.compile(r"(?<![\w-])\+?\d[\d ().-]{7,}\d\b"), "[PHONE]"),
-    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[SSN]"),
-]
-# Argument names whose values are personal whatever they look like.
-_SENSITIVE_KEYS = {"email", "phone", "name", "full_name", "address", "card", "card_number", "iban", "ssn", "password", "dob"}
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_SSN = re.compile(r"\b(\d{3})-(\d{2})-(\d{4})\b")
+# UK National Insurance number: two prefix letters (not D, F, I, Q, U, V; not O second),
+# six digits, suffix A–D.
+_NINO = re.compile(r"\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b", re.IGNORECASE)
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?![\w])")
+_ADDRESS = re.compile(
+    r"\b\d{1,5}[A-Za-z]? (?:[A-Z][a-z]+ ){1,3}"
+    r"(?:Street|St|Road|Rd|Avenue|Ave|Lane|Ln|Drive|Dr|Boulevard|Blvd|Court|Ct|Place|Pl|Way|Terrace|Close|Square|Sq)\b\.?",
+)
+
+LABELS = {
+    "EMAIL": "[EMAIL]",
+    "CARD": "[CARD]",
+    "IBAN": "[IBAN]",
+    "SSN": "[NATIONAL_ID]",
+    "NINO": "[NATIONAL_ID]",
+    "PHONE": "[PHONE]",
+    "ADDRESS": "[ADDRESS]",
+}
+
+
+@dataclass(frozen=True)
+class Span:
+    kind: str
+    start: int
+    end: int
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(text: str) -> bool:
+    s = text.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    rearranged = s[4:] + s[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def _ssn_ok(m: re.Match) -> bool:
+    area, group, serial = m.groups()
+    return area not in ("000", "666") and not area.startswith("9") and group != "00" and serial != "0000"
+
+
+def find_pii(text: str, kinds: frozenset[str] | None = None) -> list[Span]:
+    """Non-overlapping PII spans, most specific kind first."""
+    found: list[Span] = []
+
+    def add(kind: str, start: int, end: int) -> None:
+        if kinds is not None and kind not in kinds:
+            return
+        if any(s.start < end and start < s.end for s in found):
+            return
+        found.append(Span(kind, start, end))
+
+    for m in _EMAIL.finditer(text):
+        add("EMAIL", m.start(), m.end())
+    for m in _IBAN.finditer(text):
+        if iban_ok(m.group()):
+            add("IBAN", m.start(), m.end())
+    for m in _CARD.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            add("CARD", m.start(), m.end())
+    for m in _SSN.finditer(text):
+        if _ssn_ok(m):
+            add("SSN", m.start(), m.end())
+    for m in _NINO.finditer(text):
+        add("NINO", m.start(), m.end())
+    for m in _ADDRESS.finditer(text):
+        add("ADDRESS", m.start(), m.end())
+    for m in _PHONE.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        # Phone numbers have 9–15 digits (E.164); shorter runs are order numbers, years…
+        if 9 <= len(digits) <= 15 and (m.group().startswith(("+", "(")) or re.search(r"[ .-]", m.group())):
+            add("PHONE", m.start(), m.end())
+    return sorted(found, key=lambda s: s.start)
+
+
+def mask_pii(text: str, kinds: frozenset[str] | None = None) -> tuple[str, list[str]]:
+    """The text with each PII span replaced by its label, and the kinds found."""
+    spans = find_pii(text, kinds)
+    if not spans:
+        return text, []
+    out, last = [], 0
+    for s in spans:
+        out.append(text[last : s.start])
+        out.append(LABELS[s.kind])
+        last = s.end
+    out.append(text[last:])
+    return "".join(out), [s.kind for s in spans]
 
 
 def redact_text(text: str) -> str:
-    for pattern, label in _PATTERNS:
-        text = pattern.sub(label, text)
-    return text
+    return mask_pii(text)[0]
+
+
+# Argument names whose values are personal whatever they look like.
+_SENSITIVE_KEYS = {"email", "phone", "name", "full_name", "address", "card", "card_number", "iban", "ssn", "password", "dob"}
 
 
 def redact(value: Any, key: str | None = None) -> Any:

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, func, insert, select, update
@@ -40,6 +40,7 @@ class ToolResult:
     status: str  # ok | error | timeout | invalid | denied | rate_limited | pending_confirmation
     content: str  # what the model reads as the tool message
     action: dict[str, Any] | None = None
+    guard_events: list[Any] = field(default_factory=list)  # the tool rails' (guard.GuardEvent)
 
     def public(self) -> dict[str, Any]:
         out = {"id": self.call_id, "name": self.name, "arguments": self.arguments, "status": self.status, "output": self.content}
@@ -74,6 +75,7 @@ class Executor:
         self.registry = registry
         self.db = db
         self.action_ttl_s = action_ttl_s
+        self.guard: Any = None  # server.guard.Guard: the tool rails, set when they are loaded
 
     # ------------------------------------------------------------ calls from the model
 
@@ -85,6 +87,16 @@ class Executor:
         audit: list[tuple] = []
         result = await self._decide(call_id, name, raw, principal, ctx, audit)
         await asyncio.to_thread(self._audit, *audit[0])
+        guard = self.guard
+        if guard is not None and result.status == "ok" and guard.has("tool_result"):
+            # What a tool returns is data: instructions in it are neutralised and
+            # personal data masked before the model reads it.
+            verdict = await guard.check("tool_result", result.content)
+            result.guard_events += verdict.events
+            if verdict.blocked:
+                result.content = _error("the tool's result was withheld by the guardrails")
+            else:
+                result.content = verdict.text
         return result
 
     async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple]) -> ToolResult:
@@ -103,6 +115,12 @@ class Executor:
             arguments = tool.validate(json.loads(raw))
         except (ValueError, ToolError) as exc:
             return result("invalid", _error(str(exc)), error=str(exc))
+        if self.guard is not None and self.guard.has("tool_call"):
+            verdict = await self.guard.check("tool_call", f"{name} {raw}")
+            if verdict.blocked:
+                res = result("blocked", _error(f"the guardrails refused this call to {name}"), error=f"rail {verdict.rail}: {verdict.reason}", args=arguments)
+                res.guard_events += verdict.events
+                return res
         if tool.rate_limit and await asyncio.to_thread(self._over_limit, tool, principal):
             calls, per = tool.rate_limit
             return result("rate_limited", _error(f"rate limit reached for {name} ({calls} per {per:g} s); try again later"), error="rate limited", args=arguments)

@@ -31,7 +31,8 @@ def engine():
 
 @pytest.fixture
 def api(engine, embedder, tmp_path):
-    settings = load_settings(data_dir=tmp_path, context_output_reserve=40, summary_tokens=60)
+    # Memory orchestration alone: the rails have their own tests (test_guard.py).
+    settings = load_settings(data_dir=tmp_path, context_output_reserve=40, summary_tokens=60, rails=False)
     with TestClient(create_app(settings, engine=engine, embedder=embedder)) as client:
         yield client
 

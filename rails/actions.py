@@ -1,0 +1,247 @@
+"""Actions behind the Enclave rails (flows.co). Policy values come from config.yml's
+`custom_data.enclave`; the server registers one action parameter, `enclave` (a
+server.guard.RailServices: the embedder, the engine and caches), at start-up.
+
+Every action returns a NeMo RailOutcome, with a short `reason` that the server records
+in the audit log (never the matched text: it may be personal data)."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import pairwise
+from typing import Any
+
+from nemoguardrails.actions import action
+from nemoguardrails.actions.rail_outcome import RailOutcome, TransformTarget
+
+from server.telemetry.redaction import mask_pii
+
+
+class _Policy:
+    """config.yml's custom_data.enclave, compiled once."""
+
+    def __init__(self, data: dict[str, Any]):
+        def compile_all(patterns: list[str]) -> list[re.Pattern]:
+            return [re.compile(p, re.IGNORECASE) for p in patterns or []]
+
+        self.pii_kinds = frozenset(data.get("pii_kinds") or [])
+        jb = data.get("jailbreak") or {}
+        self.jailbreak = compile_all(jb.get("patterns"))
+        self.gibberish_share = float(jb.get("gibberish_share", 0.25))
+        self.gibberish_min_words = int(jb.get("gibberish_min_words", 10))
+        n = int(jb.get("encoded_min_chars", 48))
+        self.encoded = re.compile(rf"[A-Za-z0-9+/]{{{n},}}={{0,2}}|\b[0-9a-fA-F]{{{n},}}\b")
+        topics = data.get("topics") or {}
+        self.topic_threshold = float(topics.get("threshold", 0.2))
+        self.topic_min_words = int(topics.get("min_words", 4))
+        self.topics = list(topics.get("allowed") or [])
+        canary = data.get("canary") or {}
+        self.shingle_words = int(canary.get("shingle_words", 10))
+        self.content = compile_all((data.get("content_policy") or {}).get("patterns"))
+        data_rules = data.get("instructions_in_data") or {}
+        self.instructions = compile_all(data_rules.get("patterns"))
+        self.replacement = data_rules.get("replacement", "[instruction removed]")
+        self.tool_calls = compile_all((data.get("tool_calls") or {}).get("patterns"))
+        self.self_check = data.get("self_check") or {}
+
+
+_POLICIES: dict[int, tuple[Any, _Policy]] = {}
+
+
+def policy(config: Any) -> _Policy:
+    """The compiled policy of a loaded config (kept with it, so the id stays its own)."""
+    entry = _POLICIES.get(id(config))
+    if entry is None or entry[0] is not config:
+        entry = (config, _Policy((config.custom_data or {}).get("enclave") or {}))
+        _POLICIES[id(config)] = entry
+    return entry[1]
+
+
+def _target(source: str) -> TransformTarget:
+    return TransformTarget.BOT_MESSAGE if source == "output" else TransformTarget.USER_MESSAGE
+
+
+# ------------------------------------------------------------------ PII
+
+
+@action(is_system_action=True)
+async def enclave_mask_pii(source: str, text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+    """Masks emails, card numbers (Luhn), IBANs (mod 97), national IDs, phone numbers
+    and street addresses."""
+    masked, kinds = mask_pii(text or "", policy(config).pii_kinds)
+    if not kinds:
+        return RailOutcome.allow()
+    return RailOutcome.transform([(_target(source), masked)], reason="masked " + ", ".join(sorted(set(kinds))), metadata={"kinds": kinds})
+
+
+# ------------------------------------------------------------------ jailbreak
+
+_VOWELS = set("aeiouyAEIOUY")
+
+
+def _gibberish(word: str) -> bool:
+    core = word.strip(".,!?;:'\"()")
+    if len(core) < 2:
+        return False
+    symbols = sum(1 for c in core if not c.isalnum())
+    if symbols >= 2 or (symbols and len(core) <= 3):
+        return True
+    letters = [c for c in core if c.isalpha()]
+    if len(letters) >= 4 and not any(c in _VOWELS for c in letters):
+        return True
+    # Words glued together with a capital in the middle ("similarlyNow"); short brand
+    # names ("iPhone", "McDonald") stay below the length.
+    flips = sum(1 for a, b in pairwise(core) if a.islower() and b.isupper())
+    return flips >= 2 or (flips == 1 and len(core) >= 9)
+
+
+@action(is_system_action=True)
+async def enclave_jailbreak_heuristics(text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+    """Persona and "no rules" jailbreak patterns; adversarial-suffix gibberish (what
+    NeMo's perplexity heuristics catch, without a second language model); encoded
+    payloads."""
+    text = text or ""
+    pol = policy(config)
+    for i, pattern in enumerate(pol.jailbreak):
+        if pattern.search(text):
+            return RailOutcome.block(reason=f"jailbreak pattern {i}")
+    words = text.split()[-20:]
+    if len(words) >= pol.gibberish_min_words:
+        share = sum(_gibberish(w) for w in words) / len(words)
+        if share >= pol.gibberish_share:
+            return RailOutcome.block(reason=f"adversarial suffix (gibberish share {share:.2f})")
+    if pol.encoded.search(text):
+        return RailOutcome.block(reason="encoded payload")
+    return RailOutcome.allow()
+
+
+# ------------------------------------------------------------------ off topic
+
+
+@action(is_system_action=True)
+async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
+    """Deflects a message far from the deployment's scope (cosine similarity to the
+    allowed topics, with the server's local embedding model)."""
+    text = (text or "").strip()
+    pol = policy(config)
+    if enclave is None or not pol.topics or len(text.split()) <= pol.topic_min_words:
+        return RailOutcome.allow()
+    best = await enclave.topic_similarity(text, pol.topics)
+    if best < pol.topic_threshold:
+        return RailOutcome.block(reason=f"off topic (similarity {best:.2f} < {pol.topic_threshold})")
+    return RailOutcome.allow()
+
+
+@action(is_system_action=True)
+async def enclave_self_check(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
+    """Asks the local model whether the message breaks policy (optional: one model call)."""
+    pol = policy(config)
+    if enclave is None or not pol.self_check.get("prompt"):
+        return RailOutcome.allow()
+    answer = await enclave.ask_model(pol.self_check["prompt"].format(text=(text or "")[:2000]), int(pol.self_check.get("max_tokens", 3)))
+    if answer.strip().lower().startswith("yes"):
+        return RailOutcome.block(reason="self check: model said yes")
+    return RailOutcome.allow()
+
+
+# ------------------------------------------------------------------ output
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+@action(is_system_action=True)
+async def enclave_system_prompt_leak(text: str | None, config: Any = None, context: dict | None = None, **kwargs: Any) -> RailOutcome:
+    """The canary marker, or a long verbatim run of the system prompt, in the answer."""
+    context = context or {}
+    seen = (context.get("output_tail") or "") + (text or "")
+    canary = context.get("canary") or ""
+    if canary and canary.lower() in seen.lower():
+        return RailOutcome.block(reason="canary in output")
+    system = context.get("system_prompt") or ""
+    n = policy(config).shingle_words
+    if system and n > 0:
+        sys_words = _words(system)
+        shingles = {tuple(sys_words[i : i + n]) for i in range(len(sys_words) - n + 1)}
+        out = _words(seen)
+        if any(tuple(out[i : i + n]) in shingles for i in range(len(out) - n + 1)):
+            return RailOutcome.block(reason=f"{n} words of the system prompt in output")
+    return RailOutcome.allow()
+
+
+@action(is_system_action=True)
+async def enclave_content_policy(text: str | None, config: Any = None, context: dict | None = None, **kwargs: Any) -> RailOutcome:
+    seen = ((context or {}).get("output_tail") or "")[-200:] + (text or "")
+    for i, pattern in enumerate(policy(config).content):
+        if pattern.search(seen):
+            return RailOutcome.block(reason=f"content policy pattern {i}")
+    return RailOutcome.allow()
+
+
+# ------------------------------------------------------------------ retrieval and tools
+
+# Sentence ends: punctuation followed by whitespace (not the dot in "example.com"), or
+# a line break. The separators are kept so the text keeps its layout.
+_SENTENCE_BREAK = re.compile(r"((?<=[.!?])\s+|\n+)")
+
+
+def _neutralise_text(text: str, pol: _Policy) -> tuple[str, int]:
+    parts = _SENTENCE_BREAK.split(text)
+    removed = 0
+    for i in range(0, len(parts), 2):
+        if parts[i] and any(p.search(parts[i]) for p in pol.instructions):
+            parts[i] = pol.replacement
+            removed += 1
+    return "".join(parts), removed
+
+
+def neutralise(text: str, pol: _Policy) -> tuple[str, int]:
+    """The text without the sentences that address the model, and how many there were.
+    JSON (a tool result) is neutralised value by value, so it stays valid JSON."""
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, (dict, list)):
+            count = 0
+
+            def walk(v: Any) -> Any:
+                nonlocal count
+                if isinstance(v, str):
+                    out, n = _neutralise_text(v, pol)
+                    count += n
+                    return out
+                if isinstance(v, dict):
+                    return {k: walk(x) for k, x in v.items()}
+                if isinstance(v, list):
+                    return [walk(x) for x in v]
+                return v
+
+            cleaned = walk(value)
+            return (json.dumps(cleaned, ensure_ascii=False), count) if count else (text, 0)
+    return _neutralise_text(text, pol)
+
+
+@action(is_system_action=True)
+async def enclave_neutralise_data(text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+    """Removes instructions hidden in data (indirect prompt injection) and masks PII."""
+    pol = policy(config)
+    cleaned, removed = neutralise(text or "", pol)
+    masked, kinds = mask_pii(cleaned, pol.pii_kinds)
+    if not removed and not kinds:
+        return RailOutcome.allow()
+    reasons = ([f"removed {removed} instruction(s)"] if removed else []) + (["masked " + ", ".join(sorted(set(kinds)))] if kinds else [])
+    return RailOutcome.transform([(TransformTarget.USER_MESSAGE, masked)], reason="; ".join(reasons), metadata={"instructions": removed, "kinds": kinds})
+
+
+@action(is_system_action=True)
+async def enclave_check_tool_call(text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+    """Refuses tool arguments that carry SQL, shell or prompt injection."""
+    for i, pattern in enumerate(policy(config).tool_calls):
+        if pattern.search(text or ""):
+            return RailOutcome.block(reason=f"tool argument pattern {i}")
+    return RailOutcome.allow()

@@ -1,0 +1,359 @@
+"""Guardrails: the NeMo Guardrails configuration in rails/, run at each stage of a turn.
+
+`Guard.load` reads the directory once at start-up; a broken file stops start-up with a
+message that names it. Each stage has its own list of flows in config.yml (NeMo's
+`input`, `output`, `retrieval`, `tool_output` and `tool_input` rails). NeMo's
+`check_async` runs input and output rails only, so the retrieval and tool stages run
+as the input pass of an LLMRails built from the same directory with that stage's flows:
+the chunk or tool text is the message, and the flows are written that way (flows.co).
+
+A verdict is passed, modified (masked or neutralised) or blocked; every rail that
+changed or stopped something becomes a GuardEvent, which the turn reports in its
+response, the audit table and the log, with a reason and never the matched text.
+Each rail's latency is measured from NeMo's activated-rails log and exported per rail
+(`enclave_rail_latency_seconds`, and p50/p95 in `enclave_rail_latency_recent_seconds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert
+
+from server.db import guard_events
+from server.errors import ConfigError
+from server.telemetry.metrics import Metrics
+from server.telemetry.redaction import redact_text
+
+log = logging.getLogger(__name__)
+
+# Our stage name → the key of its flows in config.yml (NeMo's names for tools read
+# from the model's side: tool_output is the model's call, tool_input its result).
+STAGES = {"input": "input", "output": "output", "retrieval": "retrieval", "tool_call": "tool_output", "tool_result": "tool_input"}
+
+
+@dataclass
+class GuardEvent:
+    """One rail that masked, neutralised or blocked something."""
+
+    stage: str
+    rail: str
+    action: str  # "blocked" | "masked" | "neutralised" | "rewritten"
+    reason: str = ""
+
+    def public(self) -> dict[str, str]:
+        return {"stage": self.stage, "rail": self.rail, "action": self.action, "reason": self.reason}
+
+
+@dataclass
+class Verdict:
+    stage: str
+    status: str  # "passed" | "modified" | "blocked"
+    text: str  # the text to use: rewritten, or for a block the refusal
+    rail: str | None = None
+    reason: str | None = None
+    events: list[GuardEvent] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return self.status == "blocked"
+
+
+class RailServices:
+    """What the actions in rails/actions.py may use from the server (the `enclave`
+    action parameter): the local embedding model and the engine."""
+
+    def __init__(self) -> None:
+        self.embedder: Any = None
+        self.engine: Any = None
+        self._topics: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    async def topic_similarity(self, text: str, topics: list[str]) -> float:
+        key = tuple(topics)
+        if self._topics is None or self._topics[0] != key:
+            self._topics = (key, await self.embedder.embed(list(topics)))
+        vec = (await self.embedder.embed([text]))[0]
+        return float(np.max(self._topics[1] @ vec))
+
+    async def ask_model(self, prompt: str, max_tokens: int) -> str:
+        from server.engine.base import GenerationParams
+
+        if self.engine is None:
+            return ""
+        ids = self.engine.render_chat([{"role": "user", "content": prompt}])
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+        text = ""
+        async for chunk in self.engine.generate(f"guard-{secrets.token_hex(6)}", ids, params):
+            text += chunk.text
+        return text
+
+
+def _load_rails(path: Path) -> tuple[Any, dict[str, Any]]:
+    from nemoguardrails import LLMRails, RailsConfig
+
+    if not (path / "config.yml").is_file():
+        raise ConfigError(f"guardrails: {path}/config.yml not found (ENCLAVE_RAILS_DIR)")
+    try:
+        config = RailsConfig.from_path(str(path))
+        main = LLMRails(config)
+    except Exception as exc:  # noqa: BLE001 - NeMo raises many types for a bad config; all mean the same
+        raise ConfigError(f"guardrails: the configuration in {path} is invalid: {type(exc).__name__}: {exc}") from None
+    rails = {"input": main, "output": main}
+    for stage in ("retrieval", "tool_call", "tool_result"):
+        flows = list(getattr(config.rails, STAGES[stage]).flows)
+        if not flows:
+            continue
+        derived = config.model_copy(deep=True)
+        derived.rails.input.flows = flows
+        derived.rails.output.flows = []
+        try:
+            rails[stage] = LLMRails(derived)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise ConfigError(f"guardrails: the {STAGES[stage]} rails in {path} are invalid: {type(exc).__name__}: {exc}") from None
+    return config, rails
+
+
+_ACTIONS = {"retrieval": "neutralised", "tool_result": "neutralised"}
+
+
+class Guard:
+    def __init__(self, path: Path, metrics: Metrics):
+        self.path = path
+        self.metrics = metrics
+        self.config, self._rails = _load_rails(path)
+        self.services = RailServices()
+        self.audit: GuardAudit | None = None
+        for r in {id(x): x for x in self._rails.values()}.values():
+            r.register_action_param("enclave", self.services)
+        # A secret marker in every system prompt: an answer that repeats it is leaking
+        # the prompt. New per process, so it cannot be learned from an earlier leak.
+        self.canary = "enc-" + secrets.token_hex(5)
+        refusals = self.config.bot_messages.get("refuse to respond") or ["I'm sorry, but I can't help with that request."]
+        self.refusal = refusals[0]
+
+    def bind(self, embedder: Any, engine: Any) -> None:
+        self.services.embedder = embedder
+        self.services.engine = engine
+
+    def has(self, stage: str) -> bool:
+        return stage in self._rails and bool(getattr(self.config.rails, STAGES[stage]).flows)
+
+    def flows(self, stage: str) -> list[str]:
+        return list(getattr(self.config.rails, STAGES[stage]).flows)
+
+    async def warm_up(self) -> None:
+        """Run each stage once, so that the first user does not pay for lazy set-up
+        (the topic vectors, NeMo's flow compilation)."""
+        for stage in STAGES:
+            if self.has(stage):
+                await self.check(stage, "Hello, where is my order?")
+
+    async def check(self, stage: str, text: str, context: dict[str, Any] | None = None) -> Verdict:
+        if not self.has(stage):
+            return Verdict(stage, "passed", text)
+        rails = self._rails[stage]
+        messages: list[dict[str, Any]] = []
+        if context:
+            messages.append({"role": "context", "content": context})
+        kind = "output" if stage == "output" else "input"
+        if kind == "output":
+            messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+        else:
+            messages.append({"role": "user", "content": text})
+        res = await rails.generate_async(messages=messages, options={"rails": [kind], "log": {"activated_rails": True}})
+        content = res.response[-1].get("content", "") if isinstance(res.response, list) and res.response else ""
+        events: list[GuardEvent] = []
+        blocked: GuardEvent | None = None
+        for rail in res.log.activated_rails if res.log else []:
+            if rail.duration is not None:
+                self.metrics.rail_latency.labels(stage=stage, rail=rail.name).observe(rail.duration)
+                self.metrics.rail_quantiles.observe(stage, rail.name, rail.duration)
+            outcome = _outcome(rail)
+            if rail.stop:
+                blocked = GuardEvent(stage, rail.name, "blocked", _reason(rail, outcome))
+                events.append(blocked)
+            elif outcome is not None and getattr(outcome, "is_transform", False):
+                reason = outcome.reason or ""
+                action = "masked" if reason.startswith("masked") else _ACTIONS.get(stage, "rewritten")
+                events.append(GuardEvent(stage, rail.name, action, reason))
+            self.metrics.rail_verdicts.labels(stage=stage, rail=rail.name, verdict=_verdict(rail, outcome)).inc()
+        if blocked is not None:
+            log.info("rail %s blocked %s: %s", blocked.rail, stage, blocked.reason)
+            return Verdict(stage, "blocked", content or self.refusal, blocked.rail, blocked.reason, events)
+        if content != text:
+            return Verdict(stage, "modified", content, events=events)
+        return Verdict(stage, "passed", text, events=events)
+
+    def nothing_left(self, text: str) -> bool:
+        """True when neutralising removed everything but punctuation."""
+        enclave = (self.config.custom_data or {}).get("enclave") or {}
+        marker = (enclave.get("instructions_in_data") or {}).get("replacement", "[instruction removed]")
+        return not re.sub(r"\W", "", text.replace(marker, ""))
+
+    def output_window(self, system_prompt: str) -> OutputWindow:
+        return OutputWindow(self, system_prompt)
+
+    def mark_system_prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The messages with the canary at the start of the system message (where a
+        verbatim leak begins)."""
+        if not self.has("output") or not messages or messages[0].get("role") != "system":
+            return messages
+        first = dict(messages[0])
+        first["content"] = f"[{self.canary}] " + (first.get("content") or "")
+        return [first, *messages[1:]]
+
+
+def _outcome(rail: Any) -> Any:
+    for act in reversed(rail.executed_actions or []):
+        value = act.return_value
+        if hasattr(value, "decision"):
+            return value
+    return None
+
+
+def _verdict(rail: Any, outcome: Any) -> str:
+    if rail.stop:
+        return "blocked"
+    if outcome is not None and getattr(outcome, "is_transform", False):
+        return "modified"
+    return "passed"
+
+
+def _reason(rail: Any, outcome: Any) -> str:
+    if outcome is None:
+        return ""
+    if outcome.reason:
+        return outcome.reason
+    # NeMo's regex rail names the pattern it matched; record its position, not the text.
+    detections = (outcome.metadata or {}).get("detections") or []
+    source = (outcome.metadata or {}).get("source")
+    if detections and source:
+        return f"matched {len(detections)} {source} pattern(s)"
+    return ""
+
+
+# A token that may be the start of personal data still being written.
+_SUSPECT = re.compile(r"[\d@]")
+_TOKENS = re.compile(r"\S+")
+
+
+@dataclass
+class _Piece:
+    text: str
+    logprobs: list | None
+
+
+class OutputWindow:
+    """Streams an answer through the output rails in small windows.
+
+    Text is held until it is checked; nothing unchecked is released. The first window
+    is released as soon as the first word is checked (time to first token stays close to
+    the unguarded one); later windows every WINDOW_CHARS characters, on word boundaries.
+    Words that may be part of personal data still being written (any with a digit or an
+    @ among the last HOLD words: card numbers, IBANs, phone numbers and addresses span
+    several words) stay held until they are complete, so the PII rail sees them whole."""
+
+    WINDOW_CHARS = 48
+    HOLD = 8
+
+    def __init__(self, guard: Guard, system_prompt: str):
+        self.guard = guard
+        self.context = {"canary": guard.canary, "system_prompt": system_prompt, "output_tail": ""}
+        self.pending: list[_Piece] = []
+        self.released = ""
+        self.verdict: Verdict | None = None  # set when a window is blocked
+        self.events: list[GuardEvent] = []
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict is not None
+
+    def _text(self) -> str:
+        return "".join(p.text for p in self.pending)
+
+    def _release_point(self, text: str, final: bool) -> int:
+        if final:
+            return len(text)
+        words = list(_TOKENS.finditer(text))
+        if not words:
+            return 0
+        p = len(text)
+        last = words[-1]
+        if last.end() == len(text):  # the last word may still grow
+            first_word_only = not self.released and len(words) == 1 and last.group().isalpha()
+            if not first_word_only:
+                p = last.start()
+        for w in words[-self.HOLD :]:
+            if w.start() < p and _SUSPECT.search(w.group()):
+                p = w.start()
+                break
+        return p
+
+    def due(self, final: bool = False) -> bool:
+        text = self._text()
+        p = self._release_point(text, final)
+        if p == 0:
+            return final and bool(text)
+        return final or not self.released or p >= self.WINDOW_CHARS
+
+    def add(self, text: str, logprobs: list | None) -> None:
+        self.pending.append(_Piece(text, logprobs))
+
+    async def release(self, final: bool = False) -> tuple[str, list | None]:
+        """Check and release what can be released: (text, logprobs). On a block, the
+        window's text is withheld and `verdict` is set."""
+        text = self._text()
+        p = self._release_point(text, final)
+        if p == 0:
+            return "", None
+        window, rest = text[:p], text[p:]
+        # Split the pieces at p (logprobs go with the piece they started in).
+        taken, keep, count = [], [], 0
+        for piece in self.pending:
+            if count + len(piece.text) <= p:
+                taken.append(piece)
+            else:
+                keep.append(piece)
+            count += len(piece.text)
+        if keep:
+            keep = [_Piece(rest, [lp for k in keep for lp in (k.logprobs or [])] or None)]
+        self.pending = keep
+        verdict = await self.guard.check("output", window, dict(self.context))
+        self.events += verdict.events
+        if verdict.blocked:
+            self.verdict = verdict
+            return "", None
+        self.released += verdict.text
+        self.context["output_tail"] = self.released[-600:]
+        logprobs = [lp for t in taken for lp in (t.logprobs or [])] or None
+        return verdict.text, logprobs
+
+
+async def check_many(guard: Guard, stage: str, texts: list[str], context: dict[str, Any] | None = None) -> list[Verdict]:
+    return list(await asyncio.gather(*(guard.check(stage, t, context) for t in texts)))
+
+
+class GuardAudit:
+    """Writes guard events to the `guard_events` table (the audit log of the rails)."""
+
+    def __init__(self, db: Any):
+        self.db = db
+
+    def write(self, request_id: str, tenant: str, user: str, events: list[GuardEvent]) -> None:
+        if not events:
+            return
+        now = time.time()
+        rows = [
+            {"at": now, "request_id": request_id, "tenant": tenant, "user": user, "stage": e.stage, "rail": e.rail, "action": e.action, "reason": redact_text(e.reason)}
+            for e in events
+        ]
+        with self.db.begin() as conn:
+            conn.execute(insert(guard_events), rows)
