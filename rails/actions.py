@@ -120,14 +120,18 @@ async def enclave_jailbreak_heuristics(text: str | None, config: Any = None, **k
 
 
 @action(is_system_action=True)
-async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
+async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any = None, context: dict | None = None, **kwargs: Any) -> RailOutcome:
     """Deflects a message far from the deployment's scope (cosine similarity to the
-    allowed topics, with the server's local embedding model)."""
+    allowed topics, and to the tools the caller declared, with the server's local
+    embedding model)."""
     text = (text or "").strip()
     pol = policy(config)
     if enclave is None or not pol.topics or len(text.split()) <= pol.topic_min_words:
         return RailOutcome.allow()
     best = await enclave.topic_similarity(text, pol.topics)
+    extra = (context or {}).get("extra_topics") or []
+    if best < pol.topic_threshold and extra:
+        best = max(best, await enclave.topic_similarity(text, list(extra)))
     if best < pol.topic_threshold:
         return RailOutcome.block(reason=f"off topic (similarity {best:.2f} < {pol.topic_threshold})")
     return RailOutcome.allow()

@@ -24,7 +24,13 @@ def _settings(args: argparse.Namespace):
 
 
 def _logging(level: str) -> None:
+    from server.telemetry.redaction import install_log_redaction
+
+    install_log_redaction()
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        # NeMo logs every event of every rail at INFO: noise, and time on the hot path.
+        logging.getLogger("nemoguardrails").setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

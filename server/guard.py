@@ -74,14 +74,23 @@ class RailServices:
     def __init__(self) -> None:
         self.embedder: Any = None
         self.engine: Any = None
-        self._topics: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._topic_vectors: dict[tuple[str, ...], np.ndarray] = {}
+        self._last_text: dict[str, np.ndarray] = {}  # a second lookup for the same text
 
     async def topic_similarity(self, text: str, topics: list[str]) -> float:
-        key = tuple(topics)
-        if self._topics is None or self._topics[0] != key:
-            self._topics = (key, await self.embedder.embed(list(topics)))
-        vec = (await self.embedder.embed([text]))[0]
-        return float(np.max(self._topics[1] @ vec))
+        if self.embedder is None:  # no model to judge with (an app built without one)
+            return 1.0
+        vectors = self._topic_vectors.get(tuple(topics))
+        if vectors is None:
+            vectors = await self.embedder.embed(list(topics))
+            if len(self._topic_vectors) >= 256:  # callers' tool lists vary; keep it bounded
+                self._topic_vectors.clear()
+            self._topic_vectors[tuple(topics)] = vectors
+        vec = self._last_text.get(text)
+        if vec is None:
+            vec = (await self.embedder.embed([text]))[0]
+            self._last_text = {text: vec}
+        return float(np.max(vectors @ vec))
 
     async def ask_model(self, prompt: str, max_tokens: int) -> str:
         from server.engine.base import GenerationParams

@@ -297,6 +297,11 @@ class ChatCompletion(BaseModel):
     # The knowledge chunks the answer was grounded on, numbered as the model cites them ([1]).
     citations: list[dict[str, Any]] | None = None
 
+    # --- extensions: guardrails ---
+    # Each rail that masked, neutralised or blocked something in this turn: stage, rail,
+    # action and reason (never the text it matched).
+    guardrails: list[dict[str, str]] | None = None
+
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     def encoded(token: str) -> list[int]:

@@ -214,7 +214,10 @@ class ChatServing:
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         checks: dict[int, Any] = {}
         if last_user >= 0 and messages[last_user].get("content"):
-            checks[last_user] = guard.check("input", messages[last_user]["content"])
+            # The caller's own tools are in scope for the off-topic rail: an app that
+            # declares book_flight has made flights its users' topic.
+            tools = [f"{t.name.replace('_', ' ')}: {t.description}" for t in turn.plan.tools if not t.server] if turn.plan else []
+            checks[last_user] = guard.check("input", messages[last_user]["content"], {"extra_topics": tools} if tools else None)
         for i, m in enumerate(messages):
             if m["role"] == "tool" and i > last_assistant and m.get("content"):
                 checks[i] = guard.check("tool_result", m["content"])

@@ -9,7 +9,9 @@ written, so what is protected in one place is protected everywhere.
 
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,3 +137,27 @@ def redact(value: Any, key: str | None = None) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+def install_log_redaction() -> None:
+    """Every log record, from any library and to any handler, is redacted when it is
+    created: the message is formatted with its arguments and masked, and a traceback is
+    formatted and masked with it (exception messages often quote the input)."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "enclave_redacting", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string must not stop logging
+            message = str(record.msg)
+        if record.exc_info and record.exc_info[0] is not None:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_info = None
+        record.msg, record.args = redact_text(message), None
+        return record
+
+    factory.enclave_redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-HELLO = [{"role": "user", "content": "Write one short sentence about the sea."}]
+# In the support deployment's scope: off-topic requests are deflected by the rails.
+HELLO = [{"role": "user", "content": "Write one short sentence about our delivery times."}]
 
 
 def test_create_chat_completion_returns_text_and_exact_usage(client, model_name, tokenizer):
@@ -130,7 +131,7 @@ def test_stream_json_schema_output_joins_into_valid_json(client, model_name):
 def test_create_chat_completion_json_object_is_an_object(client, model_name):
     reply = client.chat.completions.create(
         model=model_name,
-        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        messages=[{"role": "user", "content": "Give the status of my order 88812 as JSON."}],
         response_format={"type": "json_object"}, max_tokens=150,
     )
     assert reply.choices[0].finish_reason == "stop"

@@ -1,0 +1,121 @@
+"""What the guardrails cost: TTFT and throughput with all default rails on vs off, and
+each rail's latency (p50/p95) as the server reports it in /metrics.
+
+    python scripts/bench_guard.py [--rounds 3] [--concurrency 8]
+
+Two servers run side by side on the same model: one with rails/ (the default), one
+with ENCLAVE_RAILS=false. Requests alternate between them in the same rounds (the order
+swapped every round), so machine noise falls on both alike. The requests are the benign
+support set of the red-team tests (tests/redteam/benign.jsonl) with a support system
+prompt: the traffic the rails are meant to pass, where their cost is pure overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import free_port, start, stop, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = "You are the customer support assistant of Acme. Answer briefly and politely."
+MODEL = "smollm2"
+
+
+def stream(client: httpx.Client, text: str, max_tokens: int) -> tuple[float, int, float]:
+    """(TTFT ms, completion tokens, seconds) of one streamed chat completion."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    with client.stream("POST", "/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return ((first or end) - t0) * 1000, tokens, end - t0
+
+
+def rail_quantiles(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for m in re.finditer(r'enclave_rail_latency_recent_seconds\{quantile="([\d.]+)",rail="([^"]+)",stage="([^"]+)"\} ([\d.e+-]+)', metrics):
+        out.setdefault((m.group(3), m.group(2)), {})[m.group(1)] = float(m.group(4)) * 1000
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=30, help="sequential requests per round, per server")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    texts = [json.loads(x)["text"] for x in (ROOT / "tests/redteam/benign.jsonl").read_text().splitlines() if x.strip()]
+    work = Path(tempfile.mkdtemp(prefix="enclave-bench-guard-"))
+    procs, clients = {}, {}
+    try:
+        for name, rails in (("on", "true"), ("off", "false")):
+            port = free_port()
+            env = {**os.environ, "ENCLAVE_DATA_DIR": str(work / name), "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS": rails}
+            procs[name] = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, work / f"{name}.log")
+            wait_ready(f"http://127.0.0.1:{port}/ready", procs[name], work / f"{name}.log")
+            clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=300)
+        for c in clients.values():  # warm both (prefix cache of the system prompt, rails' lazy parts)
+            for t in texts[:3]:
+                stream(c, t, 4)
+        ttft: dict[str, list[float]] = {"on": [], "off": []}
+        tput: dict[str, list[float]] = {"on": [], "off": []}
+        for r in range(args.rounds):
+            order = ("on", "off") if r % 2 == 0 else ("off", "on")
+            for i in range(args.requests):
+                text = texts[(r * args.requests + i) % len(texts)]
+                for name in order:
+                    ttft[name].append(stream(clients[name], text, 8)[0])
+            for name in order:  # throughput: a burst of concurrent streams
+                batch = [texts[(r * 7 + k) % len(texts)] for k in range(args.concurrency * 2)]
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    done = list(pool.map(lambda t, c=clients[name]: stream(c, t, args.max_tokens), batch))
+                tput[name].append(sum(d[1] for d in done) / (time.perf_counter() - t0))
+        on, off = statistics.median(ttft["on"]), statistics.median(ttft["off"])
+        p95 = lambda v: sorted(v)[int(0.95 * len(v))]
+        print(f"TTFT p50: rails on {on:.1f} ms, off {off:.1f} ms, ratio {on / off:.3f}   "
+              f"(p95 {p95(ttft['on']):.1f} vs {p95(ttft['off']):.1f} ms; {len(ttft['on'])} requests each, alternating)")
+        t_on, t_off = statistics.median(tput["on"]), statistics.median(tput["off"])
+        print(f"throughput ({args.concurrency} concurrent streams, {args.max_tokens} tokens): rails on {t_on:.1f} tok/s, "
+              f"off {t_off:.1f} tok/s, ratio {t_on / t_off:.3f}")
+        metrics = clients["on"].get(str(clients["on"].base_url).removesuffix("/v1") + "/metrics").text
+        print("per-rail latency from /metrics (enclave_rail_latency_recent_seconds):")
+        for (stage, rail), q in sorted(rail_quantiles(metrics).items()):
+            print(f"  {stage:<12} {rail:<32} p50 {q.get('0.5', 0):6.2f} ms   p95 {q.get('0.95', 0):6.2f} ms")
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+
+if __name__ == "__main__":
+    main()
