@@ -36,6 +36,8 @@ class _Policy:
         self.topic_threshold = float(topics.get("threshold", 0.2))
         self.topic_min_words = int(topics.get("min_words", 4))
         self.topics = list(topics.get("allowed") or [])
+        words = [re.escape(str(w)) for w in topics.get("keywords") or []]
+        self.topic_keywords = re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE) if words else None
         canary = data.get("canary") or {}
         self.shingle_words = int(canary.get("shingle_words", 10))
         self.content = compile_all((data.get("content_policy") or {}).get("patterns"))
@@ -128,6 +130,8 @@ async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any =
     pol = policy(config)
     if enclave is None or not pol.topics or len(text.split()) <= pol.topic_min_words:
         return RailOutcome.allow()
+    if pol.topic_keywords is not None and pol.topic_keywords.search(text):
+        return RailOutcome.allow(reason="support keyword")
     best = await enclave.topic_similarity(text, pol.topics)
     extra = (context or {}).get("extra_topics") or []
     if best < pol.topic_threshold and extra:

@@ -4,8 +4,9 @@ each rail's latency (p50/p95) as the server reports it in /metrics.
     python scripts/bench_guard.py [--rounds 3] [--concurrency 8]
 
 Two servers run side by side on the same model: one with rails/ (the default), one
-with ENCLAVE_RAILS=false. Requests alternate between them in the same rounds (the order
-swapped every round), so machine noise falls on both alike. The requests are the benign
+with ENCLAVE_RAILS=false. Each round times a block of requests on each (the order
+swapped every round, after the other engine has settled: vLLM's CPU engine keeps its
+cores busy for a moment after work), so machine noise falls on both alike. The requests are the benign
 support set of the red-team tests (tests/redteam/benign.jsonl) with a support system
 prompt: the traffic the rails are meant to pass, where their cost is pure overhead.
 """
@@ -62,8 +63,9 @@ def stream(client: httpx.Client, text: str, max_tokens: int) -> tuple[float, int
 
 def rail_quantiles(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
     out: dict[tuple[str, str], dict[str, float]] = {}
-    for m in re.finditer(r'enclave_rail_latency_recent_seconds\{quantile="([\d.]+)",rail="([^"]+)",stage="([^"]+)"\} ([\d.e+-]+)', metrics):
-        out.setdefault((m.group(3), m.group(2)), {})[m.group(1)] = float(m.group(4)) * 1000
+    for m in re.finditer(r"enclave_rail_latency_recent_seconds\{([^}]*)\} ([\d.e+-]+)", metrics):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        out.setdefault((labels["stage"], labels["rail"]), {})[labels["quantile"]] = float(m.group(2)) * 1000
     return out
 
 
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30, help="sequential requests per round, per server")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds between blocks")
     args = parser.parse_args()
     texts = [json.loads(x)["text"] for x in (ROOT / "tests/redteam/benign.jsonl").read_text().splitlines() if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-guard-"))
@@ -90,12 +93,14 @@ def main() -> None:
         ttft: dict[str, list[float]] = {"on": [], "off": []}
         tput: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.rounds):
-            order = ("on", "off") if r % 2 == 0 else ("off", "on")
-            for i in range(args.requests):
-                text = texts[(r * args.requests + i) % len(texts)]
-                for name in order:
-                    ttft[name].append(stream(clients[name], text, 8)[0])
-            for name in order:  # throughput: a burst of concurrent streams
+            for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                # vLLM's CPU engine keeps its cores busy for a while after a burst: let the
+                # other server's engine settle before timing this one.
+                time.sleep(args.settle)
+                for t in texts[:2]:
+                    stream(clients[name], t, 4)
+                for i in range(args.requests):
+                    ttft[name].append(stream(clients[name], texts[(r * args.requests + i) % len(texts)], 8)[0])
                 batch = [texts[(r * 7 + k) % len(texts)] for k in range(args.concurrency * 2)]
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(args.concurrency) as pool:
@@ -108,7 +113,7 @@ def main() -> None:
         t_on, t_off = statistics.median(tput["on"]), statistics.median(tput["off"])
         print(f"throughput ({args.concurrency} concurrent streams, {args.max_tokens} tokens): rails on {t_on:.1f} tok/s, "
               f"off {t_off:.1f} tok/s, ratio {t_on / t_off:.3f}")
-        metrics = clients["on"].get(str(clients["on"].base_url).removesuffix("/v1") + "/metrics").text
+        metrics = clients["on"].get(str(clients["on"].base_url).rstrip("/").removesuffix("/v1") + "/metrics").text
         print("per-rail latency from /metrics (enclave_rail_latency_recent_seconds):")
         for (stage, rail), q in sorted(rail_quantiles(metrics).items()):
             print(f"  {stage:<12} {rail:<32} p50 {q.get('0.5', 0):6.2f} ms   p95 {q.get('0.95', 0):6.2f} ms")

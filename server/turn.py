@@ -95,6 +95,10 @@ class Turn:
     # Guardrails: what the rails changed or stopped, and the input verdict if it blocked.
     guard_events: list[GuardEvent] = field(default_factory=list)
     refusal: Verdict | None = None
+    # The input rails' verdicts while generation starts alongside them (see _guard_input).
+    input_gate: dict[int, tuple[str, str, dict | None]] | None = None
+    gated_messages: list[dict[str, str]] | None = None
+    reserve: int = 0  # a stateful turn's token reserve for the answer, kept for a re-assembly
 
 
 @dataclass
@@ -202,26 +206,32 @@ class ChatServing:
         self._render_step(turn, plan.choice if plan else "none")
         return turn
 
-    async def _guard_input(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """The messages as the model may see them: the new user message through the input
-        rails (masked, or the turn refused), new tool results through the tool-result
-        rails (instructions neutralised), and personal data masked in the rest of the
-        history the client sent. Runs before memory, retrieval, logs or the model see them."""
-        if self.guard is None:
-            return messages
-        guard = self.guard
+    def _input_checks(self, turn: Turn, messages: list[dict[str, str]]) -> dict[int, tuple[str, str, dict | None]]:
+        """The rail checks a turn's new input needs, by message index, as (stage, text,
+        context): the new user message through the input rails, new tool results
+        through the tool-result rails."""
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-        checks: dict[int, Any] = {}
+        checks: dict[int, tuple[str, str, dict | None]] = {}
         if last_user >= 0 and messages[last_user].get("content"):
             # The caller's own tools are in scope for the off-topic rail: an app that
             # declares book_flight has made flights its users' topic.
             tools = [f"{t.name.replace('_', ' ')}: {t.description}" for t in turn.plan.tools if not t.server] if turn.plan else []
-            checks[last_user] = guard.check("input", messages[last_user]["content"], {"extra_topics": tools} if tools else None)
+            checks[last_user] = ("input", messages[last_user]["content"], {"extra_topics": tools} if tools else None)
         for i, m in enumerate(messages):
             if m["role"] == "tool" and i > last_assistant and m.get("content"):
-                checks[i] = guard.check("tool_result", m["content"])
-        verdicts = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+                checks[i] = ("tool_result", m["content"], None)
+        return checks
+
+    async def _run_checks(self, checks: dict[int, tuple[str, str, dict | None]]) -> dict[int, Verdict]:
+        assert self.guard is not None
+        verdicts = await asyncio.gather(*(self.guard.check(stage, text, ctx) for stage, text, ctx in checks.values()))
+        return dict(zip(checks, verdicts, strict=True))
+
+    def _apply_verdicts(self, turn: Turn, messages: list[dict[str, str]], verdicts: dict[int, Verdict]) -> list[dict[str, str]]:
+        """The messages as the model may see them: checked ones as their rails left them
+        (masked, neutralised; a refused one masked), personal data masked in the rest of
+        the history the client sent."""
         out = []
         for i, m in enumerate(messages):
             v = verdicts.get(i)
@@ -237,6 +247,30 @@ class ChatServing:
             out.append(m)
         return out
 
+    async def _guard_input(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The turn's messages after the input-side rails. Runs before memory, retrieval,
+        logs or the model see the input, with one exception that changes nothing they
+        see: when the new input holds no personal data and no server tool can run, the
+        rails' verdict is left pending (`turn.input_gate`) and generation starts at the
+        same time; nothing is released, stored or run until the verdict is in (_gated).
+        The model then reads exactly what the rails would have passed to it."""
+        if self.guard is None:
+            return messages
+        checks = self._input_checks(turn, messages)
+        if not checks:
+            return self._apply_verdicts(turn, messages, {})
+        # Only a user message is checked alongside: tool results are data the model must
+        # not read before their instructions are removed.
+        user_only = all(messages[i]["role"] == "user" for i in checks)
+        pii_free = not any(mask_pii(messages[i]["content"])[1] for i in checks)
+        if user_only and pii_free and (turn.plan is None or not turn.plan.has_server_tools):
+            turn.input_gate = checks
+            turn.gated_messages = messages
+            # Identical to what the rails return unless they refuse or rewrite (then the
+            # gate restarts the turn with their text).
+            return self._apply_verdicts(turn, messages, {})
+        return self._apply_verdicts(turn, messages, await self._run_checks(checks))
+
     async def prepare_stateful(
         self, request: ChatCompletionRequest, started: float, principal: Principal, ctx: ContextRequest, request_id: str | None = None
     ) -> Turn:
@@ -250,19 +284,25 @@ class ChatServing:
         turn = Turn(request_id or f"chatcmpl-{uuid.uuid4().hex}", request, [], None, started, plan=plan, principal=principal, context=ctx)  # type: ignore[arg-type]
         ctx.new_messages = await self._guard_input(turn, ctx.new_messages)
         if turn.refusal is not None:
-            # A refused turn is stored (the user's masked words and the refusal) but
-            # never becomes a memory, and retrieves nothing.
-            ctx.memory, ctx.vector_store_ids = False, []
-            turn.messages = ctx.new_messages
-            self._render_step(turn, "none")
+            self._refuse_stateful(turn)
             return turn
         max_out = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         # The tool definitions join the system message later; keep room for them.
         tool_tokens = self.engine.count_tokens(tools_prompt(plan, "auto")) + 8 if plan is not None else 0
         reserve = (max_out if max_out is not None else min(self.memory.output_reserve, self.engine.max_model_len // 4)) + tool_tokens
+        turn.reserve = reserve
         turn.messages = await self.memory.assemble(self.engine, principal, ctx, reserve, turn.request_id)
         self._render_step(turn, plan.choice if plan else "none")
         return turn
+
+    def _refuse_stateful(self, turn: Turn) -> None:
+        """A refused turn is stored (the user's masked words and the refusal) but never
+        becomes a memory, and neither retrieves nor cites anything."""
+        ctx = turn.context
+        assert ctx is not None
+        ctx.memory, ctx.vector_store_ids, ctx.sources, ctx.recalled = False, [], [], []
+        turn.messages = ctx.new_messages
+        self._render_step(turn, "none")
 
     def _render_step(self, turn: Turn, choice: str) -> None:
         """Prompt and parameters for the next generation step under `choice`."""
@@ -335,16 +375,74 @@ class ChatServing:
             )
         return EngineError("the engine failed while generating")
 
-    async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
-        output = TurnOutput() if turn.context is not None else None
+    def _turn_events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
         if turn.refusal is not None:
-            events = self._refusal_events(turn)
-        elif turn.plan is None or not turn.plan.has_server_tools:
+            return self._refusal_events(turn)
+        if turn.plan is None or not turn.plan.has_server_tools:
             events = self._step_events(turn, progress, turn.request_id, server=set())
         else:
             events = self._loop_events(turn, progress)
-        if turn.refusal is None and self.guard is not None and self.guard.has("output"):
+        if self.guard is not None and self.guard.has("output"):
             events = self._guard_output(turn, events)
+        return events
+
+    async def _gated(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
+        """Generation starts (prefill, first window) while the input rails decide; their
+        verdict is awaited before the first event leaves. If they refuse or rewrite the
+        input, that generation is dropped unseen and the turn restarts from their text."""
+        assert turn.input_gate is not None and turn.gated_messages is not None
+        events = self._turn_events(turn, progress)
+        first = asyncio.ensure_future(anext(events, None))
+        # Let the request reach the engine before the rails take the event loop (their
+        # checks are CPU-bound Python and would otherwise run first, in series).
+        before = self.engine.num_unfinished_requests()
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if first.done() or self.engine.num_unfinished_requests() > before:
+                break
+        try:
+            verdicts = await self._run_checks(turn.input_gate)
+        except BaseException:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await events.aclose()
+            raise
+        turn.input_gate = None
+        changed = any(v.status != "passed" for v in verdicts.values())
+        if not changed:
+            turn.guard_events += [e for v in verdicts.values() for e in v.events]
+            ev = await first
+            while ev is not None:
+                yield ev
+                ev = await anext(events, None)
+            return
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+        progress.prompt_tokens = progress.completion_tokens = 0
+        progress.first_token_at = None
+        messages = self._apply_verdicts(turn, turn.gated_messages, verdicts)
+        if turn.context is not None:
+            turn.context.new_messages = messages
+            if turn.refusal is not None:
+                self._refuse_stateful(turn)
+            else:
+                # A rewritten input (an operator's transform rail): assemble again.
+                turn.messages = await self._reassemble(turn)
+                self._render_step(turn, turn.choice)
+        else:
+            turn.messages = messages
+            self._render_step(turn, "none" if turn.refusal is not None else turn.choice)
+        async for ev in self._turn_events(turn, progress):
+            yield ev
+
+    async def _reassemble(self, turn: Turn) -> list[dict[str, str]]:
+        assert self.memory is not None and turn.context is not None
+        return await self.memory.assemble(self.engine, turn.principal, turn.context, turn.reserve, turn.request_id)
+
+    async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
+        output = TurnOutput() if turn.context is not None else None
+        events = self._gated(turn, progress) if turn.input_gate is not None else self._turn_events(turn, progress)
         async for ev in events:
             if output is not None:
                 output.add(ev)
