@@ -17,7 +17,6 @@ Each rail's latency is measured from NeMo's activated-rails log and exported per
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import secrets
 import time
@@ -29,11 +28,10 @@ import numpy as np
 from sqlalchemy import insert
 
 from server.db import guard_events
+from server.engine.base import GenerationParams
 from server.errors import ConfigError
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
-
-log = logging.getLogger(__name__)
 
 # Our stage name → the key of its flows in config.yml (NeMo's names for tools read
 # from the model's side: tool_output is the model's call, tool_input its result).
@@ -93,8 +91,6 @@ class RailServices:
         return float(np.max(vectors @ vec))
 
     async def ask_model(self, prompt: str, max_tokens: int) -> str:
-        from server.engine.base import GenerationParams
-
         if self.engine is None:
             return ""
         ids = self.engine.render_chat([{"role": "user", "content": prompt}])
@@ -220,7 +216,6 @@ class Guard:
                 events.append(GuardEvent(stage, rail.name, action, reason))
             self.metrics.rail_verdicts.labels(stage=stage, rail=rail.name, verdict=_verdict(rail, outcome)).inc()
         if blocked is not None:
-            log.info("rail %s blocked %s: %s", blocked.rail, stage, blocked.reason)
             return Verdict(stage, "blocked", content or self.refusal, blocked.rail, blocked.reason, events)
         if content != text:
             return Verdict(stage, "modified", content, events=events)

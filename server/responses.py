@@ -317,7 +317,7 @@ class ResponsesServing:
         response_id = f"resp_{_hex()}"
         turn = await self.chat.prepare_stateful(request, started, principal, ctx, request_id=response_id)
         if self.chat.guard is not None:
-            input_items = _masked_items(input_items)  # stored as the model saw them
+            input_items = _masked_items(input_items)  # personal data masked, as the model saw it
         shape = _Shape(req, ctx, response_id, self.chat.model)
 
         def build(out: TurnOutput, usage: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
