@@ -254,7 +254,8 @@ def test_restart_keeps_conversations_memory_and_stores(live_server, client, stat
 
 def test_forgetting_a_user_removes_every_trace(live_server, state):
     dana = client_for(live_server, "dana")
-    dana.responses.create(model=MODEL, input="My parcel locker code is 7731.", max_output_tokens=8, temperature=0)
+    # Letters outside hex: the random ids in the database cannot contain the code by chance.
+    dana.responses.create(model=MODEL, input="My parcel locker code is QZ7731.", max_output_tokens=8, temperature=0)
     headers = live_server.headers(live_server.keys["memory_admin"])
     forgotten = httpx.delete(f"{live_server.base_url}/memory", params={"user": "dana"}, headers=headers).json()
     assert forgotten["deleted"]["memories"] >= 2 and forgotten["deleted"]["turns"] >= 200
@@ -264,19 +265,19 @@ def test_forgetting_a_user_removes_every_trace(live_server, state):
     for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
         for row in db.execute(f'SELECT * FROM "{table}"'):
             flat = json.dumps(row, default=str)
-            assert '"dana"' not in flat and "Biscuit" not in flat and "7731" not in flat, (table, row)
+            assert '"dana"' not in flat and "Biscuit" not in flat and "QZ7731" not in flat, (table, row)
     db.close()
     for path in live_server.data_dir.glob("enclave.db*"):
         data = path.read_bytes()
-        assert b"Biscuit" not in data and b"7731" not in data, path
+        assert b"Biscuit" not in data and b"QZ7731" not in data, path
     # Chroma: not in its files on disk either (deleted records are purged, not tombstoned).
     for path in (live_server.data_dir / "chroma").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
-            assert b"Biscuit" not in data and b"7731" not in data, path
+            assert b"Biscuit" not in data and b"QZ7731" not in data, path
     # Nothing of hers is left to recall, for any user.
     eve = client_for(live_server, "eve")
     reply = eve.responses.create(model=MODEL, input="What is my parcel locker code?", max_output_tokens=8, temperature=0)
-    assert all("7731" not in m["text"] for m in reply.model_extra["recalled_memories"])
+    assert all("QZ7731" not in m["text"] for m in reply.model_extra["recalled_memories"])
     with pytest.raises(openai.NotFoundError):
         dana.responses.retrieve(state["dana_response"])
