@@ -16,7 +16,6 @@ Each rail's latency is measured from NeMo's activated-rails log and exported per
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import time
@@ -151,9 +150,6 @@ def _prune_library_flows(rails: Any, library: set[str]) -> None:
             del flows[name]
 
 
-_ACTIONS = {"retrieval": "neutralised", "tool_result": "neutralised"}
-
-
 class Guard:
     def __init__(self, path: Path, metrics: Metrics):
         self.path = path
@@ -175,9 +171,6 @@ class Guard:
 
     def has(self, stage: str) -> bool:
         return stage in self._rails and bool(getattr(self.config.rails, STAGES[stage]).flows)
-
-    def flows(self, stage: str) -> list[str]:
-        return list(getattr(self.config.rails, STAGES[stage]).flows)
 
     async def warm_up(self) -> None:
         """Run each stage once, so that the first user does not pay for lazy set-up
@@ -211,9 +204,9 @@ class Guard:
                 blocked = GuardEvent(stage, rail.name, "blocked", _reason(rail, outcome))
                 events.append(blocked)
             elif outcome is not None and getattr(outcome, "is_transform", False):
-                reason = outcome.reason or ""
-                action = "masked" if reason.startswith("masked") else _ACTIONS.get(stage, "rewritten")
-                events.append(GuardEvent(stage, rail.name, action, reason))
+                found = outcome.metadata or {}
+                action = "neutralised" if found.get("instructions") else "masked" if found.get("kinds") else "rewritten"
+                events.append(GuardEvent(stage, rail.name, action, outcome.reason or ""))
             self.metrics.rail_verdicts.labels(stage=stage, rail=rail.name, verdict=_verdict(rail, outcome)).inc()
         if blocked is not None:
             return Verdict(stage, "blocked", content or self.refusal, blocked.rail, blocked.reason, events)
@@ -364,10 +357,6 @@ class OutputWindow:
         self.context["output_tail"] = self.released[-600:]
         logprobs = [lp for t in taken for lp in (t.logprobs or [])] or None
         return verdict.text, logprobs
-
-
-async def check_many(guard: Guard, stage: str, texts: list[str], context: dict[str, Any] | None = None) -> list[Verdict]:
-    return list(await asyncio.gather(*(guard.check(stage, t, context) for t in texts)))
 
 
 class GuardAudit:

@@ -1,11 +1,12 @@
 """The per-turn pipeline for chat completions.
 
-A turn is: check the model → plan the tools → assemble the context (for a stateful turn:
-history, summary, recalled memories and retrieved sources under the token budget) →
-(resolve a pending confirmation) → render the chat template → generate under the tool
-constraint → run server-side tools and loop (think → call → observe) → shape the
-response → store the turn and write memory. Guardrails slot in here as they arrive;
-routes stay thin and engines stay unaware of HTTP.
+A turn is: check the model → plan the tools → input rails (mask, or refuse) → assemble
+the context (for a stateful turn: history, summary, recalled memories and retrieved
+sources, through the retrieval rails, under the token budget) → (resolve a pending
+confirmation) → render the chat template → generate under the tool constraint → run
+server-side tools through the tool rails and loop (think → call → observe) → output
+rails in checked windows → shape the response → audit what the rails did → store the
+turn and write memory. Routes stay thin and engines stay unaware of HTTP.
 
 Both response modes consume one event stream (`_events`): text, a tool call's start,
 argument fragments, and a finish per choice. `complete` folds it into one response,
