@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+from server.config import PROJECT_ROOT
 
 from tests.e2e.conftest import enclave
 
@@ -39,6 +41,15 @@ def test_serve_with_invalid_setting_names_the_key(tmp_path):
     done = enclave("serve", "--data-dir", str(tmp_path), env=env_with(ENCLAVE_PORT="eighty"), timeout=60)
     assert done.returncode == 2
     assert "ENCLAVE_PORT" in done.stderr
+
+
+def test_serve_with_broken_rails_stops_with_a_message_naming_them(tmp_path):
+    rails = tmp_path / "rails"
+    shutil.copytree(PROJECT_ROOT / "rails", rails, ignore=shutil.ignore_patterns("__pycache__"))
+    (rails / "flows.co").write_text((rails / "flows.co").read_text() + "\ndefine subflow broken\n  if\n")
+    done = enclave("serve", "--data-dir", str(tmp_path), env=env_with(ENCLAVE_RAILS_DIR=str(rails)), timeout=120)
+    assert done.returncode == 2
+    assert "guardrails: the configuration in" in done.stderr and str(rails) in done.stderr
 
 
 def test_unknown_model_profile_lists_known_ones(tmp_path):
