@@ -7,7 +7,6 @@ import os
 import shutil
 
 from server.config import PROJECT_ROOT
-
 from tests.e2e.conftest import enclave
 
 
