@@ -150,6 +150,9 @@ def _prune_library_flows(rails: Any, library: set[str]) -> None:
             del flows[name]
 
 
+TOOL_RESULT_WITHHELD = '{"error": "the tool\'s result was withheld by the guardrails"}'
+
+
 class Guard:
     def __init__(self, path: Path, metrics: Metrics):
         self.path = path
@@ -213,6 +216,14 @@ class Guard:
         if content != text:
             return Verdict(stage, "modified", content, events=events)
         return Verdict(stage, "passed", text, events=events)
+
+    async def tool_result(self, content: str) -> tuple[str, list[GuardEvent]]:
+        """A tool's result as the model may read it: instructions neutralised, personal
+        data masked, or withheld when the rails block it."""
+        if not self.has("tool_result"):
+            return content, []
+        verdict = await self.check("tool_result", content)
+        return (TOOL_RESULT_WITHHELD if verdict.blocked else verdict.text), verdict.events
 
     def nothing_left(self, text: str) -> bool:
         """True when neutralising removed everything but punctuation."""

@@ -682,9 +682,14 @@ class ChatServing:
             turn.pending_action = public_action(row)
             call_id = "call_" + row["id"].removeprefix("act_")
             call = {"id": call_id, "function": {"name": row["tool"], "arguments": row["arguments"]}}
+            result = row["result"] or ""
+            if self.guard is not None and row["status"] == "succeeded":
+                # The confirmed tool's result is data like any other tool's.
+                result, events = await self.guard.tool_result(result)
+                turn.guard_events += events
             turn.messages = turn.messages + [
                 {"role": "assistant", "content": call_text([call])},
-                {"role": "tool", "content": row["result"] or ""},
+                {"role": "tool", "content": result},
             ]
             yield None
             return

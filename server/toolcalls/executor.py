@@ -87,16 +87,11 @@ class Executor:
         audit: list[tuple] = []
         result = await self._decide(call_id, name, raw, principal, ctx, audit)
         await asyncio.to_thread(self._audit, *audit[0])
-        guard = self.guard
-        if guard is not None and result.status == "ok" and guard.has("tool_result"):
+        if self.guard is not None and result.status == "ok":
             # What a tool returns is data: instructions in it are neutralised and
             # personal data masked before the model reads it.
-            verdict = await guard.check("tool_result", result.content)
-            result.guard_events += verdict.events
-            if verdict.blocked:
-                result.content = _error("the tool's result was withheld by the guardrails")
-            else:
-                result.content = verdict.text
+            result.content, events = await self.guard.tool_result(result.content)
+            result.guard_events += events
         return result
 
     async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple]) -> ToolResult:

@@ -231,3 +231,25 @@ def test_rails_can_be_switched_off(tmp_path):
 
 def test_rails_dir_is_a_real_directory():
     assert Path(RAILS / "config.yml").is_file() and (RAILS / "flows.co").is_file() and (RAILS / "actions.py").is_file()
+
+
+def test_a_confirmed_actions_result_is_neutralised_before_the_model_reads_it(tmp_path):
+    from server.auth import ANONYMOUS
+    from server.toolcalls.registry import ToolContext
+
+    engine = ScriptedEngine(served_model="scripted", max_model_len=512)
+    settings = load_settings(data_dir=tmp_path, tool_packs=["tests.server.guarded_tools"])
+    with TestClient(create_app(settings, engine=engine)) as api:
+        executor = api.app.state.runtime.executor
+        pending = asyncio.run(executor.run([("c1", "close_ticket", '{"ticket_id": "T-12"}')], ANONYMOUS, ToolContext("default", "local", None, "r1")))
+        action_id = pending[0].action["id"]
+        engine.queue("Your ticket is closed.")
+        msgs = [
+            {"role": "user", "content": "Please close my ticket T-12."},
+            {"role": "assistant", "content": f"I need your confirmation before I do this:\n- close ticket T-12 (action {action_id})"},
+            {"role": "user", "content": "yes"},
+        ]
+        body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": msgs, "tools": [{"type": "server", "name": "guarded_tools"}]}).json()
+    assert body["pending_action"]["status"] == "succeeded"
+    assert {"stage": "tool_result", "rail": "enclave check tool result", "action": "neutralised", "reason": "removed 1 instruction(s)"} in body["guardrails"]
+    assert "evil" not in "".join(engine._vocab) and "[instruction removed]" in "".join(engine._vocab)
