@@ -244,12 +244,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     # stops start-up with a message instead of failing the first request.
     db = connect(settings.resolved_database_url)
     executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
+    executor.metrics = metrics
     guard = None
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
         guard = Guard(settings.rails_dir, metrics)
         guard.audit = GuardAudit(db)
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, build_memory(settings, db, embedder), guard)
+    memory_services = build_memory(settings, db, embedder)
+    memory_services.metrics = metrics
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)

@@ -186,6 +186,7 @@ class ChatServing:
         self._tokens_in = metrics.prompt_tokens.labels(model=self.model)
         self._running = metrics.running.labels(model=self.model)
         self._ttft = metrics.ttft.labels(model=self.model)
+        self._tpot = metrics.tpot.labels(model=self.model)
         self._e2e = metrics.e2e.labels(model=self.model)
 
     def _plan(self, request: ChatCompletionRequest, principal: Principal) -> ToolPlan | None:
@@ -331,12 +332,19 @@ class ChatServing:
         progress.prompt_tokens += len(turn.prompt_token_ids)
         step_finished: set[int] = set()
         stream = self.engine.generate(request_id, turn.prompt_token_ids, turn.params)
+        step_first: float | None = None
+        step_tokens = 0
         try:
             async for chunk in stream:
                 if chunk.token_ids:
+                    now = time.perf_counter()
                     if progress.first_token_at is None:
-                        progress.first_token_at = time.perf_counter()
+                        progress.first_token_at = now
                         self._ttft.observe(progress.first_token_at - turn.started)
+                    if step_first is None:
+                        step_first = now
+                    step_tokens += len(chunk.token_ids)
+                    step_last = now
                     progress.completion_tokens += len(chunk.token_ids)
                     self._tokens_out.inc(len(chunk.token_ids))
                 if chunk.finish_reason == "error":
@@ -347,6 +355,9 @@ class ChatServing:
                 yield chunk
         finally:
             self._running.dec()
+            if step_first is not None and step_tokens > turn.params.n:
+                # Decode pace: the first token of each choice is prefill's, not decode's.
+                self._tpot.observe((step_last - step_first) / (step_tokens - turn.params.n))
             if len(step_finished) < turn.params.n:
                 # The client went away (or we failed): free the engine's slot now rather
                 # than letting it generate tokens nobody will read.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,7 @@ class MemoryServices:
         self.output_reserve = output_reserve
         self.summary_tokens = summary_tokens
         self.guard: Any = None  # server.guard.Guard, set when the rails are loaded
+        self.metrics: Any = None  # telemetry.metrics.Metrics, set by the app
 
     async def for_chat(self, request: ChatCompletionRequest, principal: Principal) -> ContextRequest | None:
         """The context of a chat completion, or None when it is stateless: a named
@@ -104,13 +106,14 @@ class MemoryServices:
         """The turn's messages; `reserve` tokens stay free for the answer (and tool definitions)."""
         thread = ctx.thread
         query = ctx.query
+        metrics = self.metrics
         recall = (
-            self.episodic.recall(principal.tenant, principal.user, query, thread.conversation_id if thread else None)
+            _timed(self.episodic.recall(principal.tenant, principal.user, query, thread.conversation_id if thread else None), metrics and metrics.recall_latency)
             if ctx.memory and query
             else _nothing()
         )
         retrieve = (
-            self.knowledge.search(principal, ctx.vector_store_ids, query, ctx.max_results, param="vector_store_ids")
+            _timed(self.knowledge.search(principal, ctx.vector_store_ids, query, ctx.max_results, param="vector_store_ids"), metrics and metrics.retrieval_latency)
             if ctx.vector_store_ids and query
             else _nothing()
         )
@@ -178,6 +181,15 @@ class MemoryServices:
                 await self.episodic.remember(principal.tenant, principal.user, ctx.thread.conversation_id, turn_id, ctx.query)
             except Exception:  # the turn is stored; a memory write must not fail it
                 log.exception("writing episodic memory failed")
+
+
+async def _timed(work: Any, histogram: Any) -> Any:
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        if histogram is not None:
+            histogram.observe(time.perf_counter() - started)
 
 
 async def _nothing() -> list:

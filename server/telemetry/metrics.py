@@ -19,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
+# Per output token: milliseconds on a GPU, tens of milliseconds on a CPU box.
+_TOKEN = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 # Rails take milliseconds; their latency is the guardrails' whole cost.
 _RAIL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -71,6 +73,14 @@ class Metrics:
         self.finished = Counter("enclave_requests_finished", "Generations by finish reason", ["model", "finish_reason"], registry=r)
         self.embedding_inputs = Counter("enclave_embedding_inputs", "Texts embedded", ["model"], registry=r)
         self.engine_unfinished = Gauge("enclave_engine_unfinished_requests", "Requests the engine holds (running or waiting)", registry=r)
+        self.tpot = Histogram(
+            "enclave_time_per_output_token_seconds", "Time between output tokens of one generation", ["model"], buckets=_TOKEN, registry=r
+        )
+        self.tool_calls = Counter("enclave_tool_calls", "Server-side tool calls by tool and outcome", ["tool", "outcome"], registry=r)
+        self.retrieval_latency = Histogram(
+            "enclave_retrieval_latency_seconds", "Knowledge search for one turn, embedding included", buckets=_LATENCY, registry=r
+        )
+        self.recall_latency = Histogram("enclave_memory_recall_latency_seconds", "Episodic memory recall for one turn", buckets=_LATENCY, registry=r)
         self.rail_latency = Histogram("enclave_rail_latency_seconds", "Time one rail took", ["stage", "rail"], buckets=_RAIL, registry=r)
         self.rail_verdicts = Counter("enclave_rail_verdicts", "Rail outcomes by rail", ["stage", "rail", "verdict"], registry=r)
         self.rail_quantiles = RecentQuantiles()

@@ -76,6 +76,7 @@ class Executor:
         self.db = db
         self.action_ttl_s = action_ttl_s
         self.guard: Any = None  # server.guard.Guard: the tool rails, set when they are loaded
+        self.metrics: Any = None  # telemetry.metrics.Metrics, set by the app
 
     # ------------------------------------------------------------ calls from the model
 
@@ -170,6 +171,9 @@ class Executor:
             return conn.execute(query).scalar_one() >= calls
 
     def _audit(self, ctx: ToolContext, principal: Principal, name: str, args: Any, status: str, error: str | None, started: float, attempts: int, action: dict | None) -> None:
+        # Every outcome of every call passes here (model calls and confirmed actions alike).
+        if self.metrics is not None:
+            self.metrics.tool_calls.labels(tool=name, outcome=status).inc()
         if isinstance(args, str):
             try:
                 args = json.loads(args)
