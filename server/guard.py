@@ -155,7 +155,6 @@ TOOL_RESULT_WITHHELD = '{"error": "the tool\'s result was withheld by the guardr
 
 class Guard:
     def __init__(self, path: Path, metrics: Metrics):
-        self.path = path
         self.metrics = metrics
         self.config, self._rails = _load_rails(path)
         self.services = RailServices()
@@ -167,6 +166,8 @@ class Guard:
         self.canary = "enc-" + secrets.token_hex(5)
         refusals = self.config.bot_messages.get("refuse to respond") or ["I'm sorry, but I can't help with that request."]
         self.refusal = refusals[0]
+        enclave = (self.config.custom_data or {}).get("enclave") or {}
+        self._removed_marker = (enclave.get("instructions_in_data") or {}).get("replacement", "[instruction removed]")
 
     def bind(self, embedder: Any, engine: Any) -> None:
         self.services.embedder = embedder
@@ -227,9 +228,7 @@ class Guard:
 
     def nothing_left(self, text: str) -> bool:
         """True when neutralising removed everything but punctuation."""
-        enclave = (self.config.custom_data or {}).get("enclave") or {}
-        marker = (enclave.get("instructions_in_data") or {}).get("replacement", "[instruction removed]")
-        return not re.sub(r"\W", "", text.replace(marker, ""))
+        return not re.sub(r"\W", "", text.replace(self._removed_marker, ""))
 
     def output_window(self, system_prompt: str) -> OutputWindow:
         return OutputWindow(self, system_prompt)
@@ -330,12 +329,10 @@ class OutputWindow:
                 break
         return p
 
-    def due(self, final: bool = False) -> bool:
-        text = self._text()
-        p = self._release_point(text, final)
-        if p == 0:
-            return final and bool(text)
-        return final or not self.released or p >= self.WINDOW_CHARS
+    def due(self) -> bool:
+        """Whether a window is ready to be checked and released."""
+        p = self._release_point(self._text(), final=False)
+        return p > 0 and (not self.released or p >= self.WINDOW_CHARS)
 
     def add(self, text: str, logprobs: list | None) -> None:
         self.pending.append(_Piece(text, logprobs))

@@ -490,7 +490,9 @@ class ChatServing:
         assert self.guard is not None
         system = next((m["content"] for m in turn.messages if m["role"] == "system"), "")
         windows: dict[int, OutputWindow] = {}
-        stopped: set[int] = set()
+
+        def stopped(i: int) -> bool:
+            return i in windows and windows[i].blocked
 
         async def release(i: int, final: bool) -> AsyncIterator[_Event]:
             w = windows.get(i)
@@ -499,7 +501,6 @@ class ChatServing:
             text, logprobs = await w.release(final)
             if w.blocked:
                 assert w.verdict is not None
-                stopped.add(i)
                 turn.guard_events += w.events
                 w.events = []
                 yield _Event("text", i, ("\n\n" if w.released else "") + w.verdict.text)
@@ -512,7 +513,7 @@ class ChatServing:
         try:
             async for ev in events:
                 i = ev.index
-                if i in stopped:
+                if stopped(i):
                     continue
                 if ev.kind == "text":
                     w = windows.setdefault(i, self.guard.output_window(system))
@@ -524,9 +525,9 @@ class ChatServing:
                     # A tool call or the finish: the text before it is complete.
                     async for out in release(i, final=True):
                         yield out
-                    if i not in stopped:
+                    if not stopped(i):
                         yield ev
-                if len(stopped) == turn.params.n:
+                if sum(w.blocked for w in windows.values()) == turn.params.n:
                     break
         finally:
             await events.aclose()
