@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine as Database
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import KeyStore
@@ -22,6 +23,7 @@ from server.config import Settings
 from server.db import connect
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
+from server.engine.metered import MeteredEngine
 from server.errors import (
     EnclaveError,
     InvalidRequestError,
@@ -45,9 +47,13 @@ from server.routes import (
     memory,
     models,
     responses,
+    traces,
+    usage,
     vector_stores,
 )
+from server.telemetry.cost import Accounting, EngineClock
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
 from server.toolcalls.registry import Registry
 from server.turn import ChatServing
@@ -66,8 +72,13 @@ class Runtime:
         executor: Executor | None = None,
         memory: MemoryServices | None = None,
         guard: Guard | None = None,
+        tracing: Tracing | None = None,
+        db: Database | None = None,
     ):
         self.settings = settings
+        self.tracing = tracing
+        self.db = db
+        self.accounting: Accounting | None = None
         self.metrics = metrics
         self.keys = keys
         self.executor = executor
@@ -104,6 +115,14 @@ class Runtime:
         return self.chat is not None and self.embedder is not None
 
     def attach(self, engine: Engine, embedder: Embedder | None) -> None:
+        # Every generation (turns, summaries, self-checks) is timed, charged and traced.
+        clock = EngineClock()
+        engine = MeteredEngine(engine, clock)  # type: ignore[assignment]
+        if self.db is not None:
+            price = self.settings.cost_per_hour if self.settings.cost_per_hour is not None else (self.profile.cost_per_hour if self.profile else 0.0)
+            pace = self.profile.seconds_per_token if self.profile else 0.25
+            self.accounting = Accounting(self.db, clock, engine.served_model, price, pace, self.metrics)
+        self.metrics.watch_clock(engine.served_model, lambda: clock.busy_seconds)
         self._engine = engine
         self.embedder = embedder
         if self.memory is not None:
@@ -116,9 +135,18 @@ class Runtime:
             if self.executor is not None:
                 self.executor.guard = self.guard
         self.chat = ChatServing(
-            engine, self.metrics, self.served_names, self.embedding_name, self.executor, self.settings.max_tool_steps, self.memory, self.guard
+            engine,
+            self.metrics,
+            self.served_names,
+            self.embedding_name,
+            self.executor,
+            self.settings.max_tool_steps,
+            self.memory,
+            self.guard,
+            self.tracing,
+            self.accounting,
         )
-        self.metrics.watch_engine(engine.num_unfinished_requests)
+        self.metrics.watch_engine(engine.num_unfinished_requests, getattr(engine.inner, "scheduler_counts", None))
         self.metrics.ready.set(1 if self.ready else 0)
 
     def require_chat(self) -> ChatServing:
@@ -177,6 +205,8 @@ class Runtime:
     async def close(self) -> None:
         if self._engine is not None:
             await self._engine.shutdown()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still batched
 
 
 def _error_json(exc: EnclaveError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -252,7 +282,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
         guard.audit = GuardAudit(db)
     memory_services = build_memory(settings, db, embedder)
     memory_services.metrics = metrics
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard)
+    otlp = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
+    tracing = Tracing(db, otlp)
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard, tracing, db)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
@@ -285,6 +317,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
         vector_stores.router,
         memory.router,
         actions.router,
+        traces.router,
+        usage.router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -33,6 +33,8 @@ class Principal:
     key_id: str | None = None
     # Knowledge retrieved for this key's chat completions unless a request names stores.
     vector_store_ids: tuple[str, ...] = ()
+    # Most this key may spend on engine time (USD); None: no budget.
+    budget_usd: float | None = None
 
     def allows(self, scope: str) -> bool:
         if ALL_SCOPES in self.scopes or scope in self.scopes:
@@ -96,6 +98,7 @@ class KeyStore:
             scopes=tuple(record["scopes"]),
             key_id=record["id"],
             vector_store_ids=tuple(record.get("vector_store_ids") or ()),
+            budget_usd=record.get("budget_usd"),
         )
 
     def list(self) -> list[dict[str, Any]]:
@@ -111,7 +114,9 @@ class KeyStore:
             json.dump({"keys": records}, fh, indent=2)
         os.replace(tmp, self.path)
 
-    def create(self, tenant: str, user: str, scopes: list[str] | None = None, vector_store_ids: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    def create(
+        self, tenant: str, user: str, scopes: list[str] | None = None, vector_store_ids: list[str] | None = None, budget_usd: float | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """Add a key; the secret is returned once and never stored."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         record = {
@@ -125,9 +130,25 @@ class KeyStore:
         }
         if vector_store_ids:
             record["vector_store_ids"] = list(vector_store_ids)
+        if budget_usd is not None:
+            record["budget_usd"] = budget_usd
         with self._lock:
             self._write(self._records() + [record])
         return secret, {k: v for k, v in record.items() if k != "hash"}
+
+    def set_budget(self, key_id: str, budget_usd: float | None) -> bool:
+        """Set (or with None remove) a key's budget; the running server re-reads the file."""
+        with self._lock:
+            records = self._records()
+            hit = [r for r in records if r["id"] == key_id and not r.get("revoked")]
+            for r in hit:
+                if budget_usd is None:
+                    r.pop("budget_usd", None)
+                else:
+                    r["budget_usd"] = budget_usd
+            if hit:
+                self._write(records)
+        return bool(hit)
 
     def revoke(self, key_id: str) -> bool:
         with self._lock:

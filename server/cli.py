@@ -1,4 +1,4 @@
-"""enclave serve | models prepare|path|list | keys create|list|revoke"""
+"""enclave serve | models prepare|path|list | keys create|list|revoke|budget | traces show | usage | eval"""
 
 from __future__ import annotations
 
@@ -90,16 +90,52 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "create":
         if not args.tenant or not args.user:
             raise ConfigError("keys create needs --tenant and --user")
-        secret, record = store.create(args.tenant, args.user, args.scope, args.vector_store)
+        secret, record = store.create(args.tenant, args.user, args.scope, args.vector_store, args.budget_usd)
         print(json.dumps({**record, "key": secret}, indent=2))
         print("Store the key now: it is not shown again.", file=sys.stderr)
     elif args.action == "list":
         print(json.dumps(store.list(), indent=2))
+    elif args.action == "budget":
+        if not store.set_budget(args.key_id or "", None if args.budget_usd is None or args.budget_usd < 0 else args.budget_usd):
+            raise ConfigError(f"no active key with id {args.key_id!r}")
+        print(f"budget of {args.key_id}: {'none' if args.budget_usd is None or args.budget_usd < 0 else f'${args.budget_usd}'}")
     elif args.action == "revoke":
         if not store.revoke(args.key_id or ""):
             raise ConfigError(f"no active key with id {args.key_id!r}")
         print(f"revoked {args.key_id}")
     return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    """Read a trace from the local store: no server needed (an air-gapped operator's view)."""
+    from server.db import connect
+    from server.telemetry.tracing import TraceStore, render_tree, trace_object
+
+    settings = _settings(args)
+    spans = TraceStore(connect(settings.resolved_database_url)).get(args.trace_id.lower())
+    if not spans:
+        raise ConfigError(f"no trace with id {args.trace_id!r} in {settings.resolved_database_url.split('///')[-1]}")
+    if args.json:
+        print(json.dumps(trace_object(args.trace_id.lower(), spans), indent=2))
+    else:
+        print(f"trace {args.trace_id.lower()}")
+        print(render_tree(spans))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from server.db import connect
+    from server.telemetry.cost import UsageLedger
+
+    settings = _settings(args)
+    print(json.dumps(UsageLedger(connect(settings.resolved_database_url)).summary(args.group_by, args.tenant), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.runner import main as eval_main
+
+    return eval_main(args)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -141,13 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     keys = sub.add_parser("keys", parents=[common], help="API keys")
-    keys.add_argument("action", choices=["create", "list", "revoke"])
-    keys.add_argument("key_id", nargs="?", help="key id, for revoke")
+    keys.add_argument("action", choices=["create", "list", "revoke", "budget"])
+    keys.add_argument("key_id", nargs="?", help="key id, for revoke and budget")
     keys.add_argument("--tenant")
     keys.add_argument("--user")
     keys.add_argument("--scope", action="append", help="repeatable; default: all scopes (*)")
     keys.add_argument("--vector-store", action="append", help="repeatable; knowledge retrieved for this key's chat completions")
+    keys.add_argument("--budget-usd", type=float, help="most this key may spend on engine time (USD); for budget, a negative value removes it")
     keys.set_defaults(func=cmd_keys)
+
+    traces = sub.add_parser("traces", parents=[common], help="traces kept in the local store")
+    traces.add_argument("action", choices=["show"])
+    traces.add_argument("trace_id")
+    traces.add_argument("--json", action="store_true", help="the API's JSON instead of a tree")
+    traces.set_defaults(func=cmd_traces)
+
+    usage = sub.add_parser("usage", parents=[common], help="usage and cost from the local store")
+    usage.add_argument("--group-by", default="tenant", choices=["request", "conversation", "key", "tenant", "user", "model"])
+    usage.add_argument("--tenant", help="only this tenant")
+    usage.set_defaults(func=cmd_usage)
+
+    from evals.runner import add_arguments
+
+    add_arguments(sub.add_parser("eval", help="run the offline eval suite against a server (any base URL)"))
+    sub.choices["eval"].set_defaults(func=cmd_eval)
 
     ingest = sub.add_parser("ingest", help="load a directory of documents into a vector store of a running server")
     ingest.add_argument("directory", type=Path)

@@ -61,11 +61,17 @@ class Settings(BaseSettings):
     context_output_reserve: int = Field(512, ge=16)
     # Length cap of the running summary of older turns.
     summary_tokens: int = Field(160, ge=32, le=2048)
-    # Memories recalled into a turn.
     # Guardrails: a NeMo Guardrails configuration directory, run around every turn.
     rails: bool = True
     rails_dir: Path = PROJECT_ROOT / "rails"
+    # Memories recalled into a turn.
     memory_recall_k: int = Field(4, ge=0, le=32)
+    # Traces are always kept in SQL; with an OTLP/HTTP endpoint (e.g.
+    # http://collector:4318/v1/traces) they are exported there too. Empty: the standard
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable, if set.
+    otlp_endpoint: str | None = None
+    # Hourly hardware cost (USD) for cost accounting; empty: the model profile's.
+    cost_per_hour: float | None = Field(None, ge=0)
 
     @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")
     @classmethod

@@ -60,6 +60,55 @@ guard_events = Table(
     Column("reason", Text),
 )
 
+# Spans of every turn's trace (telemetry/tracing.py); attributes are masked JSON.
+trace_spans = Table(
+    "trace_spans",
+    metadata,
+    Column("span_id", String(16), primary_key=True),
+    Column("trace_id", String(32), nullable=False, index=True),
+    Column("parent_id", String(16)),
+    Column("name", String(256), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("start_time", Float, nullable=False, index=True),
+    Column("end_time", Float, nullable=False),
+    Column("status", String(16), nullable=False),
+    # Set on a turn's root span: whose trace it is (GET scoping, forgetting a user).
+    Column("tenant", String(128)),
+    Column("user", String(128)),
+    Column("attributes", Text),
+)
+
+# One row per model turn: tokens, the engine time attributed to it and what that cost.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("key_id", String(64), index=True),
+    Column("conversation_id", String(64), index=True),
+    Column("model", String(128), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("engine_seconds", Float, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("duration_s", Float, nullable=False),
+    Column("trace_id", String(32)),
+    Index("ix_usage_tenant", "tenant", "at"),
+)
+
+# Per-key spend against its budget. `held` is what admitted requests may still spend:
+# a request is admitted only by one conditional UPDATE that keeps spent + held within
+# the limit, so concurrent requests (and replicas) can never overshoot it together.
+key_budgets = Table(
+    "key_budgets",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("spent_usd", Float, nullable=False, default=0.0),
+    Column("held_usd", Float, nullable=False, default=0.0),
+)
+
 pending_actions = Table(
     "pending_actions",
     metadata,

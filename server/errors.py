@@ -81,6 +81,14 @@ class RequestTooLargeError(EnclaveError):
     default_code = "request_too_large"
 
 
+class InsufficientQuotaError(EnclaveError):
+    """The API key's budget cannot cover this request (429, as OpenAI reports it)."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
 class ServiceUnavailableError(EnclaveError):
     """The engine is still loading, or failed (503): the client may retry later."""
 

@@ -29,6 +29,7 @@ from sqlalchemy import insert
 from server.db import guard_events
 from server.engine.base import GenerationParams
 from server.errors import ConfigError
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
 
@@ -195,23 +196,37 @@ class Guard:
             messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
         else:
             messages.append({"role": "user", "content": text})
-        res = await rails.generate_async(messages=messages, options={"rails": [kind], "log": {"activated_rails": True}})
-        content = res.response[-1].get("content", "") if isinstance(res.response, list) and res.response else ""
-        events: list[GuardEvent] = []
-        blocked: GuardEvent | None = None
-        for rail in res.log.activated_rails if res.log else []:
-            if rail.duration is not None:
-                self.metrics.rail_latency.labels(stage=stage, rail=rail.name).observe(rail.duration)
-                self.metrics.rail_quantiles.observe(stage, rail.name, rail.duration)
-            outcome = _outcome(rail)
-            if rail.stop:
-                blocked = GuardEvent(stage, rail.name, "blocked", _reason(rail, outcome))
-                events.append(blocked)
-            elif outcome is not None and getattr(outcome, "is_transform", False):
-                found = outcome.metadata or {}
-                action = "neutralised" if found.get("instructions") else "masked" if found.get("kinds") else "rewritten"
-                events.append(GuardEvent(stage, rail.name, action, outcome.reason or ""))
-            self.metrics.rail_verdicts.labels(stage=stage, rail=rail.name, verdict=_verdict(rail, outcome)).inc()
+        with tracing.span(f"guardrails {stage}", enclave__guard__stage=stage) as span:
+            res = await rails.generate_async(messages=messages, options={"rails": [kind], "log": {"activated_rails": True}})
+            content = res.response[-1].get("content", "") if isinstance(res.response, list) and res.response else ""
+            events: list[GuardEvent] = []
+            blocked: GuardEvent | None = None
+            for rail in res.log.activated_rails if res.log else []:
+                if rail.duration is not None:
+                    self.metrics.rail_latency.labels(stage=stage, rail=rail.name).observe(rail.duration)
+                    self.metrics.rail_quantiles.observe(stage, rail.name, rail.duration)
+                outcome = _outcome(rail)
+                verdict = _verdict(rail, outcome)
+                if rail.stop:
+                    blocked = GuardEvent(stage, rail.name, "blocked", _reason(rail, outcome))
+                    events.append(blocked)
+                elif outcome is not None and getattr(outcome, "is_transform", False):
+                    found = outcome.metadata or {}
+                    action = "neutralised" if found.get("instructions") else "masked" if found.get("kinds") else "rewritten"
+                    events.append(GuardEvent(stage, rail.name, action, outcome.reason or ""))
+                self.metrics.rail_verdicts.labels(stage=stage, rail=rail.name, verdict=verdict).inc()
+                if rail.started_at is not None and rail.finished_at is not None:
+                    tracing.record(
+                        f"guardrail {rail.name}",
+                        rail.started_at,
+                        rail.finished_at,
+                        enclave__guard__stage=stage,
+                        enclave__guard__rail=rail.name,
+                        enclave__guard__verdict=verdict,
+                        enclave__guard__reason=_reason(rail, outcome) or None,
+                    )
+            status = "blocked" if blocked is not None else "modified" if content != text else "passed"
+            tracing.set_attributes(span, enclave__guard__verdict=status, enclave__guard__rail=blocked.rail if blocked else None)
         if blocked is not None:
             return Verdict(stage, "blocked", content or self.refusal, blocked.rail, blocked.reason, events)
         if content != text:

@@ -46,6 +46,9 @@ class ModelProfile(BaseModel):
     tier: Literal["small", "large"]
     # What the hardware serving this model costs per hour (USD), for cost accounting.
     cost_per_hour: float = Field(ge=0)
+    # Engine seconds per generated token a request is expected to use, before the server
+    # has measured it: the first budget holds are sized from it.
+    seconds_per_token: float = Field(0.25, gt=0)
     # Passed to vllm AsyncEngineArgs as they are.
     engine_args: dict[str, Any] = Field(default_factory=dict)
     # Environment the engine needs before it starts (e.g. VLLM_CPU_KVCACHE_SPACE).

@@ -302,6 +302,11 @@ class ChatCompletion(BaseModel):
     # action and reason (never the text it matched).
     guardrails: list[dict[str, str]] | None = None
 
+    # --- extensions: cost ---
+    # Engine time attributed to this turn and its price at the profile's hourly cost
+    # (also in GET /v1/usage and the turn's trace, whose id is the x-trace-id header).
+    cost: dict[str, Any] | None = None
+
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     def encoded(token: str) -> list[int]:

@@ -329,13 +329,18 @@ class ResponsesServing:
     async def complete(self, turn: Turn, shape: _Shape) -> dict[str, Any]:
         progress, events = self.chat.event_stream(turn)
         out = TurnOutput()
-        async for ev in events:
-            out.add(ev)
+        try:
+            async for ev in events:
+                out.add(ev)
+        finally:
+            await self.chat.finish(turn, progress, "client_disconnected")
         return self._final(turn, shape, shape.output(out), self.chat.usage(progress), out.finish_reason)
 
     def _final(self, turn: Turn, shape: _Shape, output: list[dict[str, Any]], usage: Any, finish: str | None) -> dict[str, Any]:
         """The finished response object, as returned, streamed last and stored."""
-        shape.extensions = self.chat.extensions(turn)
+        # No cost here: it is settled after the response is stored, and the stored object
+        # must equal the returned one (GET /v1/usage and the trace carry it).
+        shape.extensions = {k: v for k, v in self.chat.extensions(turn).items() if k != "cost"}
         return shape.response("completed", output, usage, finish)
 
     async def open_stream(self, turn: Turn, shape: _Shape) -> AsyncIterator[str]:
@@ -420,3 +425,4 @@ class ResponsesServing:
             yield emit("error", code=detail.get("code"), message=detail.get("message"), param=detail.get("param"))
         finally:
             await events.aclose()
+            await self.chat.finish(turn, progress, "client_disconnected")

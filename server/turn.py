@@ -51,8 +51,10 @@ from server.protocol import (
     chunk_json,
     logprobs_out,
 )
+from server.telemetry.cost import Accounting, Charge, current_charge
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import mask_pii
+from server.telemetry.tracing import Tracing, TurnTrace
 from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.executor import Executor, ToolResult, public_action
 from server.toolcalls.format import (
@@ -70,6 +72,21 @@ log = logging.getLogger(__name__)
 _ACTION_REF = re.compile(r"\bact_[0-9a-f]{24}\b")
 # A confirmation must be explicit; anything else declines (the safe reading).
 _AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.IGNORECASE)
+
+
+@dataclass
+class TurnTelemetry:
+    """A turn's trace and its engine-time charge, from admission until it is settled."""
+
+    trace: TurnTrace | None
+    charge: Charge
+    api: str
+    started_at: float = field(default_factory=time.time)
+    cost_usd: float | None = None  # set once settled
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.trace.headers if self.trace is not None else {}
 
 
 @dataclass
@@ -100,6 +117,7 @@ class Turn:
     input_gate: dict[int, tuple[str, str, dict | None]] | None = None
     gated_messages: list[dict[str, str]] | None = None
     reserve: int = 0  # a stateful turn's token reserve for the answer, kept for a re-assembly
+    telemetry: TurnTelemetry | None = None
 
 
 @dataclass
@@ -171,8 +189,12 @@ class ChatServing:
         max_tool_steps: int = 5,
         memory: MemoryServices | None = None,
         guard: Guard | None = None,
+        tracing: Tracing | None = None,
+        accounting: Accounting | None = None,
     ):
         self.engine = engine
+        self.tracing = tracing
+        self.accounting = accounting
         self.metrics = metrics
         self.served_names = served_names
         self.embedding_model = embedding_model
@@ -188,6 +210,89 @@ class ChatServing:
         self._ttft = metrics.ttft.labels(model=self.model)
         self._tpot = metrics.tpot.labels(model=self.model)
         self._e2e = metrics.e2e.labels(model=self.model)
+
+    # ------------------------------------------------------------ telemetry and cost
+
+    async def begin(
+        self, principal: Principal, api: str, headers: Any, model: str, max_new_tokens: int | None, has_tools: bool
+    ) -> TurnTelemetry:
+        """Open the turn's trace (current for this task from here on) and admit it
+        against the key's budget before anything runs: rails, memory summaries and the
+        model calls of the turn are all charged to it."""
+        charge = Charge()
+        current_charge.set(charge)
+        trace = None
+        if self.tracing is not None:
+            trace = self.tracing.start_turn(
+                api, headers, enclave__tenant=principal.tenant, enclave__user=principal.user, enclave__key_id=principal.key_id, gen_ai__request__model=model
+            )
+        telemetry = TurnTelemetry(trace, charge, api)
+        if self.accounting is not None and principal.budget_usd is not None:
+            new_tokens = max_new_tokens if max_new_tokens is not None else self.engine.max_model_len
+            steps = self.max_tool_steps if has_tools else 1
+            try:
+                await asyncio.to_thread(self.accounting.admit, principal.key_id, principal.budget_usd, charge, new_tokens * steps)
+            except BaseException as exc:
+                if trace is not None:
+                    trace.fail(exc)
+                raise
+        return telemetry
+
+    async def abandon(self, telemetry: TurnTelemetry, principal: Principal, exc: BaseException) -> None:
+        """A turn that failed before it ran: release its hold (billing what it used)."""
+        if self.accounting is not None and telemetry.charge.hold_usd:
+            usd = min(self.accounting.cost(telemetry.charge.engine_seconds), telemetry.charge.hold_usd)
+            await asyncio.to_thread(self.accounting.budgets.settle, principal.key_id, telemetry.charge.hold_usd, usd)
+            telemetry.charge.settled = True
+        if telemetry.trace is not None:
+            telemetry.trace.fail(exc)
+
+    async def finish(self, turn: Turn, progress: _Progress, outcome: str = "completed") -> None:
+        """Settle a turn once, whichever way it ends: its usage row, its budget hold,
+        the cost metrics, and the root span's totals."""
+        tele = turn.telemetry
+        if tele is None or tele.charge.settled:
+            return
+        tele.charge.settled = True
+        conversation = turn.context.thread.conversation_id if turn.context is not None and turn.context.thread is not None else None
+        p = turn.principal
+        usd = 0.0
+        if self.accounting is not None:
+            row = {
+                "request_id": turn.request_id,
+                "at": tele.started_at,
+                "tenant": p.tenant,
+                "user": p.user,
+                "key_id": p.key_id,
+                "conversation_id": conversation,
+                "model": self.model,
+                "prompt_tokens": progress.prompt_tokens,
+                "completion_tokens": progress.completion_tokens,
+                "duration_s": time.perf_counter() - turn.started,
+                "trace_id": tele.trace.trace_id if tele.trace is not None else None,
+            }
+            try:
+                usd = await asyncio.to_thread(self.accounting.settle, p.key_id, tele.charge, row)
+            except Exception:  # the answer was given; losing its usage row must not fail it
+                log.exception("recording usage of %s failed", turn.request_id)
+            self.metrics.cost.labels(model=self.model, tenant=p.tenant).inc(usd)
+            self.metrics.engine_seconds.labels(model=self.model).inc(tele.charge.engine_seconds)
+            self.metrics.unbilled_seconds.labels(model=self.model).inc(tele.charge.unbilled_seconds)
+        tele.cost_usd = usd
+        if tele.trace is not None:
+            tele.trace.set(
+                gen_ai__response__id=turn.request_id,
+                gen_ai__response__model=self.model,
+                gen_ai__conversation__id=conversation,
+                gen_ai__usage__input_tokens=progress.prompt_tokens,
+                gen_ai__usage__output_tokens=progress.completion_tokens,
+                enclave__engine_seconds=round(tele.charge.engine_seconds, 6),
+                enclave__cost_usd=usd,
+                enclave__budget_capped=True if tele.charge.capped else None,
+                enclave__outcome=outcome,
+                enclave__guard__refused=True if turn.refusal is not None else None,
+            )
+            tele.trace.end()
 
     def _plan(self, request: ChatCompletionRequest, principal: Principal) -> ToolPlan | None:
         if request.model not in self.served_names:
@@ -455,15 +560,25 @@ class ChatServing:
     async def _events(self, turn: Turn, progress: _Progress) -> AsyncIterator[_Event]:
         output = TurnOutput() if turn.context is not None else None
         events = self._gated(turn, progress) if turn.input_gate is not None else self._turn_events(turn, progress)
-        async for ev in events:
+        outcome = "client_disconnected"
+        try:
+            async for ev in events:
+                if output is not None:
+                    output.add(ev)
+                yield ev
+            self._e2e.observe(time.perf_counter() - turn.started)
+            if self.guard is not None:
+                await self._audit_guard(turn)
             if output is not None:
-                output.add(ev)
-            yield ev
-        self._e2e.observe(time.perf_counter() - turn.started)
-        if self.guard is not None:
-            await self._audit_guard(turn)
-        if output is not None:
-            await self._after_turn(turn, output, progress)
+                await self._after_turn(turn, output, progress)
+            outcome = "refused" if turn.refusal is not None else "completed"
+        except Exception as exc:
+            outcome = "error"
+            if turn.telemetry is not None and turn.telemetry.trace is not None:
+                turn.telemetry.trace.fail(exc, end=False)
+            raise
+        finally:
+            await self.finish(turn, progress, outcome)
 
     async def _refusal_events(self, turn: Turn) -> AsyncIterator[_Event]:
         assert turn.refusal is not None
@@ -565,41 +680,47 @@ class ChatServing:
             done[i] = True
             return _Event("finish", i, text=reason)
 
-        async for chunk in self._generate(turn, progress, request_id, stop_early=lambda: all(done)):
-            i = chunk.index
-            if done[i]:
-                continue
-            if not constrained:
-                if chunk.text or chunk.logprobs:
-                    yield _Event("text", i, chunk.text, chunk.logprobs)
-            else:
-                parser = parsers[i]
-                delta = parser.feed(chunk.text)
-                if delta.text or (chunk.logprobs and not parser.is_calls):
-                    yield _Event("text", i, delta.text, chunk.logprobs)
-                for call in delta.started:
-                    k = parser.calls.index(call)
-                    if k == 0 and call.name not in server:
-                        yield show(i, k)
-                for k, fragment in delta.fragments:
-                    if k in shown[i]:
-                        yield _Event("args", i, fragment, call=shown[i][k])
-                for k in delta.completed:
-                    call = parser.calls[k]
-                    if k > 0 and parser.is_repeat(k):
-                        call.duplicate = True
-                        yield finish(i, "stop")
-                        break
-                    if k > 0 and call.name not in server:
-                        yield show(i, k)
-                        yield _Event("args", i, call.arguments, call=shown[i][k])
-            if chunk.finish_reason is not None and not done[i]:
-                parser = parsers[i]
-                if constrained and parser.mode is None and parser.text:
-                    yield _Event("text", i, parser.text)
-                yield finish(i, chunk.finish_reason)
-            if all(done):
-                break
+        # Closed as soon as every choice is done, not when collected: its cleanup (the
+        # engine's slot, metrics, the engine time charged to the turn) must come first.
+        generation = self._generate(turn, progress, request_id, stop_early=lambda: all(done))
+        try:
+            async for chunk in generation:
+                i = chunk.index
+                if done[i]:
+                    continue
+                if not constrained:
+                    if chunk.text or chunk.logprobs:
+                        yield _Event("text", i, chunk.text, chunk.logprobs)
+                else:
+                    parser = parsers[i]
+                    delta = parser.feed(chunk.text)
+                    if delta.text or (chunk.logprobs and not parser.is_calls):
+                        yield _Event("text", i, delta.text, chunk.logprobs)
+                    for call in delta.started:
+                        k = parser.calls.index(call)
+                        if k == 0 and call.name not in server:
+                            yield show(i, k)
+                    for k, fragment in delta.fragments:
+                        if k in shown[i]:
+                            yield _Event("args", i, fragment, call=shown[i][k])
+                    for k in delta.completed:
+                        call = parser.calls[k]
+                        if k > 0 and parser.is_repeat(k):
+                            call.duplicate = True
+                            yield finish(i, "stop")
+                            break
+                        if k > 0 and call.name not in server:
+                            yield show(i, k)
+                            yield _Event("args", i, call.arguments, call=shown[i][k])
+                if chunk.finish_reason is not None and not done[i]:
+                    parser = parsers[i]
+                    if constrained and parser.mode is None and parser.text:
+                        yield _Event("text", i, parser.text)
+                    yield finish(i, chunk.finish_reason)
+                if all(done):
+                    break
+        finally:
+            await generation.aclose()
         if held is not None:
             held.extend(parsers)
 
@@ -720,6 +841,13 @@ class ChatServing:
             total_tokens=progress.prompt_tokens + progress.completion_tokens,
         )
 
+    @staticmethod
+    def cost_info(tele: TurnTelemetry) -> dict[str, Any]:
+        info: dict[str, Any] = {"engine_seconds": round(tele.charge.engine_seconds, 6), "usd": tele.cost_usd}
+        if tele.charge.capped:
+            info["capped_by_budget"] = True
+        return info
+
     def extensions(self, turn: Turn) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if turn.server_calls:
@@ -728,6 +856,9 @@ class ChatServing:
             out["pending_action"] = turn.pending_action
         if self.guard is not None:
             out["guardrails"] = [e.public() for e in self._all_guard_events(turn)]
+        tele = turn.telemetry
+        if tele is not None and tele.cost_usd is not None:
+            out["cost"] = self.cost_info(tele)
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:
@@ -738,6 +869,19 @@ class ChatServing:
             out["citations"] = ctx.citations()
         return out
 
+    @staticmethod
+    def _fold(ev: _Event, texts: list[str], calls: list[list[dict[str, str]]], finish: list[str | None], logprobs: list[list[TokenLogprob]]) -> None:
+        if ev.kind == "text":
+            texts[ev.index] += ev.text
+            if ev.logprobs:
+                logprobs[ev.index].extend(ev.logprobs)
+        elif ev.kind == "call":
+            calls[ev.index].append({"id": ev.call_id, "name": ev.name, "arguments": ""})
+        elif ev.kind == "args":
+            calls[ev.index][ev.call]["arguments"] += ev.text
+        else:
+            finish[ev.index] = ev.text
+
     async def complete(self, turn: Turn) -> ChatCompletion:
         n = turn.params.n
         texts = [""] * n
@@ -745,17 +889,11 @@ class ChatServing:
         finish: list[str | None] = [None] * n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         progress = _Progress()
-        async for ev in self._events(turn, progress):
-            if ev.kind == "text":
-                texts[ev.index] += ev.text
-                if ev.logprobs:
-                    logprobs[ev.index].extend(ev.logprobs)
-            elif ev.kind == "call":
-                calls[ev.index].append({"id": ev.call_id, "name": ev.name, "arguments": ""})
-            elif ev.kind == "args":
-                calls[ev.index][ev.call]["arguments"] += ev.text
-            else:
-                finish[ev.index] = ev.text
+        try:
+            async for ev in self._events(turn, progress):
+                self._fold(ev, texts, calls, finish, logprobs)
+        finally:
+            await self.finish(turn, progress, "client_disconnected")
         want_logprobs = turn.params.logprobs is not None
         return ChatCompletion(
             id=turn.request_id,
@@ -814,11 +952,14 @@ class ChatServing:
                 else:
                     yield event([chunk_choice(ev.index, {}, ev.text)], extra=self.extensions(turn))
                 ev = await anext(events, None)
+            # The events are exhausted, so the turn is settled: the usage chunk carries its cost.
             if include_usage:
-                yield event([], self.usage(progress))
+                tele = turn.telemetry
+                yield event([], self.usage(progress), {"cost": self.cost_info(tele)} if tele is not None and tele.cost_usd is not None else None)
         except EnclaveError as exc:
             # Headers are gone; OpenAI clients raise on an `error` event in the stream.
             yield f"data: {json.dumps(exc.to_body())}\n\n"
         finally:
             await events.aclose()
+            await self.finish(turn, progress, "client_disconnected")
         yield "data: [DONE]\n\n"

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
-from server.errors import ConfigError, EngineError, InvalidRequestError, ServiceUnavailableError
+from server.errors import (
+    ConfigError,
+    EngineError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
 from server.profiles import ModelProfile
 
 log = logging.getLogger(__name__)
@@ -53,10 +58,20 @@ class VllmEngine:
             engine_args = AsyncEngineArgs(**engine_arguments(profile, checkpoint, overrides))
         except TypeError as exc:
             raise ConfigError(f"model profile {profile.name} has an unknown engine argument: {exc}") from None
-        llm = AsyncLLM.from_engine_args(engine_args)
+        counts = _SchedulerCounts()
+        llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[counts.factory()])
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         max_len = llm.vllm_config.model_config.max_model_len
-        return cls(llm, tokenizer, profile, max_len)
+        engine = cls(llm, tokenizer, profile, max_len)
+        engine._counts = counts
+        return engine
+
+    def scheduler_counts(self) -> tuple[int, int]:
+        """(running, waiting) as the engine's scheduler last reported them."""
+        if self.num_unfinished_requests() == 0:
+            return 0, 0  # its last report may predate the last request's end
+        counts = getattr(self, "_counts", None)
+        return (counts.running, counts.waiting) if counts is not None else (self.num_unfinished_requests(), 0)
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -129,6 +144,34 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+class _SchedulerCounts:
+    """Running and waiting requests from vLLM's per-step scheduler stats (a stat logger
+    is vLLM's documented hook for them)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+
+    def factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counts = self
+
+        class SchedulerCountsLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    counts.running = scheduler_stats.num_running_reqs
+                    counts.waiting = scheduler_stats.num_waiting_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return SchedulerCountsLogger
 
 
 def _token_prompt(token_ids: list[int]) -> Any:

@@ -23,6 +23,7 @@ from server.memory.episodic import EpisodicMemory, Memory
 from server.memory.knowledge import Hit, KnowledgeBase
 from server.memory.window import ContextWindow, Window
 from server.protocol import ChatCompletionRequest
+from server.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,20 @@ class MemoryServices:
         query = ctx.query
         metrics = self.metrics
         recall = (
-            _timed(self.episodic.recall(principal.tenant, principal.user, query, thread.conversation_id if thread else None), metrics and metrics.recall_latency)
+            _timed(
+                self.episodic.recall(principal.tenant, principal.user, query, thread.conversation_id if thread else None),
+                metrics and metrics.recall_latency,
+                "episodic_memory",
+            )
             if ctx.memory and query
             else _nothing()
         )
         retrieve = (
-            _timed(self.knowledge.search(principal, ctx.vector_store_ids, query, ctx.max_results, param="vector_store_ids"), metrics and metrics.retrieval_latency)
+            _timed(
+                self.knowledge.search(principal, ctx.vector_store_ids, query, ctx.max_results, param="vector_store_ids"),
+                metrics and metrics.retrieval_latency,
+                ",".join(ctx.vector_store_ids),
+            )
             if ctx.vector_store_ids and query
             else _nothing()
         )
@@ -177,19 +186,25 @@ class MemoryServices:
             self.conversations.save_turn, principal, ctx.thread, turn_id, model, [*ctx.new_messages, answer], response, input_items, summary
         )
         if ctx.memory and ctx.query:
-            try:
-                await self.episodic.remember(principal.tenant, principal.user, ctx.thread.conversation_id, turn_id, ctx.query)
-            except Exception:  # the turn is stored; a memory write must not fail it
-                log.exception("writing episodic memory failed")
+            with tracing.span("memory write", enclave__memory__store="episodic_memory", gen_ai__conversation__id=ctx.thread.conversation_id) as span:
+                try:
+                    await self.episodic.remember(principal.tenant, principal.user, ctx.thread.conversation_id, turn_id, ctx.query)
+                except Exception as exc:  # the turn is stored; a memory write must not fail it
+                    log.exception("writing episodic memory failed")
+                    tracing.set_attributes(span, error__type=type(exc).__qualname__)
 
 
-async def _timed(work: Any, histogram: Any) -> Any:
+async def _timed(work: Any, histogram: Any, source: str) -> Any:
+    """A search timed into its histogram and traced as a GenAI `retrieval` span."""
     started = time.perf_counter()
-    try:
-        return await work
-    finally:
-        if histogram is not None:
-            histogram.observe(time.perf_counter() - started)
+    with tracing.span(f"retrieval {source}", gen_ai__operation__name="retrieval", gen_ai__data_source__id=source) as span:
+        try:
+            found = await work
+            tracing.set_attributes(span, enclave__retrieval__results=len(found))
+            return found
+        finally:
+            if histogram is not None:
+                histogram.observe(time.perf_counter() - started)
 
 
 async def _nothing() -> list:

@@ -19,8 +19,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from server.auth import Principal
-from server.db import conversations, guard_events, pending_actions, purge_wal, tool_audit, turns
+from server.db import (
+    conversations,
+    guard_events,
+    pending_actions,
+    purge_wal,
+    tool_audit,
+    trace_spans,
+    turns,
+    usage_records,
+)
 from server.errors import InvalidRequestError, NotFoundError
+
+# What a forgotten user is called in the usage rows that outlive them.
+FORGOTTEN = "[forgotten]"
 
 
 @dataclass
@@ -185,5 +197,10 @@ class ConversationStore:
             for name, table in (("turns", turns), ("conversations", conversations), ("tool_audit", tool_audit), ("pending_actions", pending_actions), ("guard_events", guard_events)):
                 result = conn.execute(delete(table).where(table.c.tenant == tenant, table.c.user == user))
                 counts[name] = result.rowcount or 0
+            # Traces go whole (the root span names the user; its children are the turn's).
+            ids = select(trace_spans.c.trace_id).where(trace_spans.c.tenant == tenant, trace_spans.c.user == user).scalar_subquery()
+            counts["trace_spans"] = conn.execute(delete(trace_spans).where(trace_spans.c.trace_id.in_(ids))).rowcount or 0
+            # Usage stays (spend per key and tenant must still add up) but no longer names the user.
+            conn.execute(update(usage_records).where(usage_records.c.tenant == tenant, usage_records.c.user == user).values(user=FORGOTTEN))
         purge_wal(self.db)
         return counts

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.auth import require_scope
+from server.auth import Principal, require_scope
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
+from server.turn import ChatServing, Turn
 
 router = APIRouter(prefix="/v1")
 
@@ -34,13 +35,34 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     started = time.perf_counter()
     runtime = request.app.state.runtime
     serving = runtime.require_chat()
-    ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
-    turn = await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
-    headers = {"x-request-id": turn.request_id}
+
+    async def prepare() -> Turn:
+        ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
+        return await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
+
+    max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, bool(body.tools), prepare)
+    headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
     if body.stream:
         events = await serving.open_stream(turn)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     return await complete_unless_disconnected(request, serving.complete(turn), headers)
+
+
+async def begin_turn(
+    serving: ChatServing, request: Request, principal: Principal, api: str, model: str, max_new: int | None, has_tools: bool, prepare: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Open the turn's trace, admit it against the key's budget (429 when it cannot be
+    covered), then prepare it; a turn that fails before it runs releases its hold."""
+    telemetry = await serving.begin(principal, api, request.headers, model, max_new, has_tools)
+    try:
+        prepared = await prepare()
+    except BaseException as exc:
+        await serving.abandon(telemetry, principal, exc)
+        raise
+    turn = prepared[0] if isinstance(prepared, tuple) else prepared
+    turn.telemetry = telemetry
+    return prepared
 
 
 async def complete_unless_disconnected(request: Request, work: Awaitable[Any], headers: dict[str, str]) -> Response:

@@ -47,10 +47,13 @@ async def delete_memory(memory_id: str, request: Request, principal=Depends(requ
     return {"id": memory_id, "object": "memory.deleted", "deleted": True}
 
 
-@router.delete("", responses=_ERRORS, summary="Forget a user entirely: memories, conversations, tool audit and actions.")
+@router.delete("", responses=_ERRORS, summary="Forget a user entirely: memories, conversations, tool audit, actions and traces.")
 async def forget_user(request: Request, user: str = Query(...), principal=Depends(require_scope())) -> dict[str, Any]:
-    memory = request.app.state.runtime.require_memory()
+    runtime = request.app.state.runtime
+    memory = runtime.require_memory()
     subject = _subject(principal, user)
+    if runtime.tracing is not None:
+        await asyncio.to_thread(runtime.tracing.flush)  # spans still batched must be deleted too
     memories = await asyncio.to_thread(memory.episodic.forget, principal.tenant, subject)
     rows = await asyncio.to_thread(memory.conversations.forget, principal.tenant, subject)
     return {"object": "memory.forgotten", "user": subject, "deleted": {"memories": memories, **rows}}

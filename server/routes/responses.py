@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from server.auth import require_scope
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
-from server.routes.chat import complete_unless_disconnected
+from server.routes.chat import begin_turn, complete_unless_disconnected
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -26,9 +26,12 @@ def _memory(request: Request):
 @router.post("", responses=_ERRORS, summary="Create a model response (stored and continuable; streamed as typed events when stream is true).")
 async def create_response(body: ResponsesRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
-    serving = ResponsesServing(request.app.state.runtime.require_chat())
-    turn, shape = await serving.prepare(body, started, principal)
-    headers = {"x-request-id": turn.request_id}
+    chat = request.app.state.runtime.require_chat()
+    serving = ResponsesServing(chat)
+    turn, shape = await begin_turn(
+        chat, request, principal, "responses", body.model, body.max_output_tokens, bool(body.tools), lambda: serving.prepare(body, started, principal)
+    )
+    headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
     if body.stream:
         events = await serving.open_stream(turn, shape)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

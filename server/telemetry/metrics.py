@@ -13,7 +13,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Buckets sized for a CPU box (hundreds of ms) up to a loaded GPU fleet (tens of seconds).
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -86,9 +86,36 @@ class Metrics:
         self.rail_quantiles = RecentQuantiles()
         r.register(self.rail_quantiles)
         self.ready = Gauge("enclave_ready", "1 once the engine and embedder are loaded", registry=r)
+        # The engine scheduler's own view (vLLM's num_requests_running / _waiting).
+        self.engine_running = Gauge("enclave_engine_requests_running", "Requests the engine is running", registry=r)
+        self.engine_waiting = Gauge("enclave_engine_requests_waiting", "Requests queued in the engine, not yet scheduled", registry=r)
+        # Cost: engine time attributed to turns (telemetry/cost.py) at the profile's price.
+        self.cost = Counter("enclave_cost_usd", "Attributed engine cost in USD", ["model", "tenant"], registry=r)
+        self.engine_seconds = Counter("enclave_engine_seconds_billed", "Engine seconds attributed to turns", ["model"], registry=r)
+        self.unbilled_seconds = Counter(
+            "enclave_engine_seconds_unbilled", "Engine seconds past a turn's budget ceiling (at most one step each)", ["model"], registry=r
+        )
 
-    def watch_engine(self, unfinished: Callable[[], int]) -> None:
+    def watch_engine(self, unfinished: Callable[[], int], scheduler: Callable[[], tuple[int, int]] | None = None) -> None:
         self.engine_unfinished.set_function(unfinished)
+        if scheduler is not None:
+            self.engine_running.set_function(lambda: scheduler()[0])
+            self.engine_waiting.set_function(lambda: scheduler()[1])
+
+    def watch_clock(self, model: str, busy_seconds: Callable[[], float]) -> None:
+        """Busy engine time: what attributed (billed + unbilled) seconds add up to."""
+        self.registry.register(_BusyCollector(model, busy_seconds))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BusyCollector:
+    def __init__(self, model: str, busy_seconds: Callable[[], float]):
+        self.model = model
+        self.busy_seconds = busy_seconds
+
+    def collect(self):
+        family = CounterMetricFamily("enclave_engine_busy_seconds", "Wall time with at least one generation in the engine", labels=["model"])
+        family.add_metric([self.model], self.busy_seconds())
+        yield family

@@ -149,14 +149,23 @@ def install_log_redaction() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken format string must not stop logging
-            message = str(record.msg)
-        if record.exc_info and record.exc_info[0] is not None:
-            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            record.exc_info = None
-        record.msg, record.args = redact_text(message), None
+        if record.exc_info and record.exc_info[0] is not None or not isinstance(record.args, (tuple, dict)) or not record.args:
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a broken format string must not stop logging
+                message = str(record.msg)
+            if record.exc_info and record.exc_info[0] is not None:
+                message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+                record.exc_info = None
+            record.msg, record.args = redact_text(message), None
+            return record
+        # Arguments stay arguments, each masked: some formatters read them by position
+        # (uvicorn's access log unpacks client, method, path, version and status).
+        record.msg = redact_text(str(record.msg))
+        if isinstance(record.args, dict):
+            record.args = {k: redact_text(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        else:
+            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
         return record
 
     factory.enclave_redacting = True  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine as SqlEngine
 from server.auth import Principal
 from server.db import pending_actions, tool_audit
 from server.errors import ConflictError, NotFoundError
+from server.telemetry import tracing
 from server.telemetry.redaction import redact
 from server.toolcalls.registry import Registry, Tool, ToolContext, ToolError
 
@@ -86,13 +87,15 @@ class Executor:
 
     async def _one(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext) -> ToolResult:
         audit: list[tuple] = []
-        result = await self._decide(call_id, name, raw, principal, ctx, audit)
-        await asyncio.to_thread(self._audit, *audit[0])
-        if self.guard is not None and result.status == "ok":
-            # What a tool returns is data: instructions in it are neutralised and
-            # personal data masked before the model reads it.
-            result.content, events = await self.guard.tool_result(result.content)
-            result.guard_events += events
+        with tracing.span(f"execute_tool {name}", **_tool_attributes(name, call_id)) as span:
+            result = await self._decide(call_id, name, raw, principal, ctx, audit)
+            tracing.set_attributes(span, enclave__tool__outcome=result.status)
+            await asyncio.to_thread(self._audit, *audit[0])
+            if self.guard is not None and result.status == "ok":
+                # What a tool returns is data: instructions in it are neutralised and
+                # personal data masked before the model reads it.
+                result.content, events = await self.guard.tool_result(result.content)
+                result.guard_events += events
         return result
 
     async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple]) -> ToolResult:
@@ -276,10 +279,12 @@ class Executor:
             owner = Principal(tenant=row["tenant"], user=row["user"], scopes=("*",), key_id=row["key_id"])
             ctx = ToolContext(row["tenant"], row["user"], row["key_id"], request_id, messages or [], idempotency_key=action_id)
             started = time.perf_counter()
-            if tool is None:
-                status, content, attempts, error = "error", _error(f"tool {row['tool']} is no longer enabled"), 0, "tool disabled"
-            else:
-                status, content, attempts, error = await self._execute(tool, ctx, json.loads(row["arguments"]))
+            with tracing.span(f"execute_tool {row['tool']}", **_tool_attributes(row["tool"], "call_" + action_id.removeprefix("act_"))) as span:
+                if tool is None:
+                    status, content, attempts, error = "error", _error(f"tool {row['tool']} is no longer enabled"), 0, "tool disabled"
+                else:
+                    status, content, attempts, error = await self._execute(tool, ctx, json.loads(row["arguments"]))
+                tracing.set_attributes(span, enclave__tool__outcome=status, enclave__action__id=action_id)
             await asyncio.to_thread(self._finish, action_id, "succeeded" if status == "ok" else "failed", content)
             await asyncio.to_thread(self._audit, ctx, owner, row["tool"], row["arguments"], status, error, started, attempts, row)
         return await self._settled(action_id, principal, operator)
@@ -308,3 +313,9 @@ class Executor:
         if res.rowcount == 0 and row["status"] != "cancelled":
             raise ConflictError(f"action {action_id} is {row['status']} and can no longer be cancelled", param="action_id", code=f"action_{row['status']}")
         return row
+
+
+def _tool_attributes(name: str, call_id: str) -> dict[str, Any]:
+    """GenAI semantic conventions of an execute_tool span (arguments and results are
+    opt-in content there, and never recorded here)."""
+    return {"gen_ai__operation__name": "execute_tool", "gen_ai__tool__name": name, "gen_ai__tool__call__id": call_id, "gen_ai__tool__type": "function"}
