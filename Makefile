@@ -7,7 +7,7 @@ MODEL  ?= smollm2-135m-instruct
 STAMP  := $(VENV)/.enclave-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup install serve test bench clean
+.PHONY: setup install serve test eval bench clean
 
 setup: install
 	$(BIN)/enclave models prepare $(MODEL)
@@ -28,6 +28,12 @@ serve: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The full golden set against a local server on the default model; the report goes to
+# evals/reports/latest and the run fails on a regression against evals/baseline.json.
+EVAL_ARGS ?=
+eval: setup
+	HF_HUB_OFFLINE=1 $(BIN)/enclave eval --serve --out evals/reports/latest $(EVAL_ARGS)
 
 bench: setup
 	$(BIN)/python scripts/bench.py

@@ -117,10 +117,11 @@ def charts(out: Path, summary: dict[str, Any], results: list[dict[str, Any]], ba
         ax.scatter(xs, [base[i] for i in xs], marker="_", s=900, color="#d9534f", linewidths=3, label="baseline", zorder=3)
     for bar, s in zip(bars, scores, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, s + 0.02, f"{s:.2f}", ha="center", fontsize=9)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.25)  # room above the bars for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("mean score")
     ax.set_title(f"Scores by category (overall {summary['overall']:.3f})")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", ncol=2, frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     paths.append(out / "scores_by_category.png")

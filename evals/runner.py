@@ -19,6 +19,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -287,23 +288,32 @@ def main(args: argparse.Namespace) -> int:
     from evals.report import compare, summarise, write_report
 
     if args.rescore:
+        # The stored outcomes scored again with today's scorers and cases.
+        from evals.scorers import score
+
         report = json.loads(args.rescore.read_text())
         results, meta = report["results"], report["run"]
+        cases = {c["id"]: c for c in load_cases(args.datasets)}
+        for r in results:
+            if r["id"] in cases:
+                r["score"], r["note"] = score(cases[r["id"]], r)
     else:
         cases = load_cases(args.datasets, args.category, args.per_category, args.seed)
         if not cases:
             print("enclave eval: no cases selected", file=sys.stderr)
             return 2
-        proc = None
+        proc = data = None
         if args.serve:
             print("starting a local server on the default model…", file=sys.stderr)
-            proc, args.base_url, args.api_key, _ = start_local_server()
+            proc, args.base_url, args.api_key, data = start_local_server()
         try:
             print(f"running {len(cases)} cases against {args.base_url} (concurrency {args.concurrency})", file=sys.stderr)
             outcome = asyncio.run(run(args, cases))
         finally:
             if proc is not None:
                 stop_local_server(proc)
+        if data is not None:
+            shutil.rmtree(data, ignore_errors=True)  # kept only when the run failed, for its server log
         results, meta = outcome["results"], outcome["run"]
     summary = summarise(results)
     baseline = None if args.no_baseline or not args.baseline or not args.baseline.exists() else json.loads(args.baseline.read_text())

@@ -232,7 +232,7 @@ def _validation_error(exc: RequestValidationError) -> EnclaveError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EnclaveError)
     async def _enclave(request: Request, exc: EnclaveError) -> JSONResponse:
-        return _error_json(exc)
+        return _error_json(exc, exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,6 +22,8 @@ class EnclaveError(Exception):
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        # Response headers the error carries (a failed turn's trace id).
+        self.headers: dict[str, str] = {}
 
     def to_body(self) -> dict:
         return {

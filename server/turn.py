@@ -80,7 +80,6 @@ class TurnTelemetry:
 
     trace: TurnTrace | None
     charge: Charge
-    api: str
     started_at: float = field(default_factory=time.time)
     cost_usd: float | None = None  # set once settled
 
@@ -214,7 +213,7 @@ class ChatServing:
     # ------------------------------------------------------------ telemetry and cost
 
     async def begin(
-        self, principal: Principal, api: str, headers: Any, model: str, max_new_tokens: int | None, has_tools: bool
+        self, principal: Principal, api: str, headers: Any, model: str, max_new_tokens: int | None, server_tools: bool
     ) -> TurnTelemetry:
         """Open the turn's trace (current for this task from here on) and admit it
         against the key's budget before anything runs: rails, memory summaries and the
@@ -226,15 +225,17 @@ class ChatServing:
             trace = self.tracing.start_turn(
                 api, headers, enclave__tenant=principal.tenant, enclave__user=principal.user, enclave__key_id=principal.key_id, gen_ai__request__model=model
             )
-        telemetry = TurnTelemetry(trace, charge, api)
+        telemetry = TurnTelemetry(trace, charge)
         if self.accounting is not None and principal.budget_usd is not None:
             new_tokens = max_new_tokens if max_new_tokens is not None else self.engine.max_model_len
-            steps = self.max_tool_steps if has_tools else 1
+            steps = self.max_tool_steps if server_tools else 1
             try:
                 await asyncio.to_thread(self.accounting.admit, principal.key_id, principal.budget_usd, charge, new_tokens * steps)
             except BaseException as exc:
                 if trace is not None:
                     trace.fail(exc)
+                    if isinstance(exc, EnclaveError):
+                        exc.headers = trace.headers
                 raise
         return telemetry
 

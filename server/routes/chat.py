@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.auth import Principal, require_scope
+from server.errors import EnclaveError
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from server.turn import ChatServing, Turn
 
@@ -41,7 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         return await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
 
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, bool(body.tools), prepare)
+    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, runs_server_tools(body.tools), prepare)
     headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
     if body.stream:
         events = await serving.open_stream(turn)
@@ -49,16 +50,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     return await complete_unless_disconnected(request, serving.complete(turn), headers)
 
 
+def runs_server_tools(tools: list[dict[str, Any]] | None) -> bool:
+    """Server tools make a turn several model calls (its budget hold covers them all)."""
+    return any(isinstance(t, dict) and t.get("type") == "server" for t in tools or [])
+
+
 async def begin_turn(
-    serving: ChatServing, request: Request, principal: Principal, api: str, model: str, max_new: int | None, has_tools: bool, prepare: Callable[[], Awaitable[Any]]
+    serving: ChatServing, request: Request, principal: Principal, api: str, model: str, max_new: int | None, server_tools: bool, prepare: Callable[[], Awaitable[Any]]
 ) -> Any:
     """Open the turn's trace, admit it against the key's budget (429 when it cannot be
     covered), then prepare it; a turn that fails before it runs releases its hold."""
-    telemetry = await serving.begin(principal, api, request.headers, model, max_new, has_tools)
+    telemetry = await serving.begin(principal, api, request.headers, model, max_new, server_tools)
     try:
         prepared = await prepare()
     except BaseException as exc:
         await serving.abandon(telemetry, principal, exc)
+        if isinstance(exc, EnclaveError):
+            exc.headers = telemetry.headers  # the error response names its trace too
         raise
     turn = prepared[0] if isinstance(prepared, tuple) else prepared
     turn.telemetry = telemetry

@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from server.auth import require_scope
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
-from server.routes.chat import begin_turn, complete_unless_disconnected
+from server.routes.chat import begin_turn, complete_unless_disconnected, runs_server_tools
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -29,7 +29,7 @@ async def create_response(body: ResponsesRequest, request: Request, principal=De
     chat = request.app.state.runtime.require_chat()
     serving = ResponsesServing(chat)
     turn, shape = await begin_turn(
-        chat, request, principal, "responses", body.model, body.max_output_tokens, bool(body.tools), lambda: serving.prepare(body, started, principal)
+        chat, request, principal, "responses", body.model, body.max_output_tokens, runs_server_tools(body.tools), lambda: serving.prepare(body, started, principal)
     )
     headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
     if body.stream:

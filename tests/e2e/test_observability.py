@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -127,8 +129,23 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
             extra_body={"ignore_eos": True, **({"conversation": f"cost-{i}"} if i < 4 else {})},
         )
 
+    # The engine scheduler's gauges, sampled while the requests run.
+    running: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            running.append(live_server.metric("enclave_engine_requests_running"))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(ask, range(8)))
+    stop.set()
+    sampler.join()
+    assert max(running) >= 2
+    assert live_server.metric("enclave_engine_requests_running") == live_server.metric("enclave_engine_requests_waiting") == 0
     costs = {o.id: o.model_extra["cost"] for o in outs}
     assert all(v["usd"] > 0 and v["engine_seconds"] > 0 for v in costs.values())
 
