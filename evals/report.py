@@ -106,7 +106,14 @@ def charts(out: Path, summary: dict[str, Any], results: list[dict[str, Any]], ba
     import matplotlib.pyplot as plt
 
     names = list(summary["categories"])
-    paths = []
+    paths: list[Path] = []
+
+    def save(fig: Any, ax: Any, name: str) -> None:
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     scores = [summary["categories"][n]["score"] for n in names]
@@ -122,11 +129,7 @@ def charts(out: Path, summary: dict[str, Any], results: list[dict[str, Any]], ba
     ax.set_ylabel("mean score")
     ax.set_title(f"Scores by category (overall {summary['overall']:.3f})")
     ax.legend(loc="upper left", ncol=2, frameon=False)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    paths.append(out / "scores_by_category.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "scores_by_category.png")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     data = [[r["latency_s"] for r in results if r["category"] == n and r.get("latency_s") is not None] or [0.0] for n in names]
@@ -134,22 +137,14 @@ def charts(out: Path, summary: dict[str, Any], results: list[dict[str, Any]], ba
     ax.set_xticks(range(1, len(names) + 1), names)
     ax.set_ylabel("seconds per case (all turns)")
     ax.set_title("Latency by category")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    paths.append(out / "latency_by_category.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "latency_by_category.png")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     per_case = [(summary["categories"][n]["cost_per_case_usd"] or 0.0) * 1e6 for n in names]
     ax.bar(names, per_case, color="#5cb85c")
     ax.set_ylabel("micro-USD per case (attributed engine time)")
     ax.set_title(f"Cost by category (total ${summary['cost_usd']:.6f})")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    paths.append(out / "cost_by_category.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "cost_by_category.png")
     return paths
 
 

@@ -74,13 +74,8 @@ def _fail(span: Span, exc: BaseException) -> None:
     span.set_attribute("error.type", type(exc).__qualname__)
 
 
-def current() -> Span:
-    cur = _current.get()
-    return cur[1] if cur else _NOOP
-
-
 @contextmanager
-def span(name: str, *, start_time: float | None = None, **attributes: Any) -> Iterator[Span]:
+def span(name: str, **attributes: Any) -> Iterator[Span]:
     """A child of the current span that is current inside the block (no `yield` of a
     generator may sit inside it). Outside a traced turn it records nothing."""
     cur = _current.get()
@@ -88,17 +83,17 @@ def span(name: str, *, start_time: float | None = None, **attributes: Any) -> It
         yield _NOOP
         return
     tracer, parent = cur
-    child = tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=_ns(start_time))
-    set_attributes(child, **attributes)
-    token = _current.set((tracer, child))
+    opened = tracer.start_span(name, context=trace.set_span_in_context(parent))
+    set_attributes(opened, **attributes)
+    token = _current.set((tracer, opened))
     try:
-        yield child
+        yield opened
     except BaseException as exc:
-        _fail(child, exc)
+        _fail(opened, exc)
         raise
     finally:
         _current.reset(token)
-        child.end()
+        opened.end()
 
 
 def child(name: str, *, start_time: float | None = None, **attributes: Any) -> Span:
