@@ -198,3 +198,53 @@ def test_traces_show_names_a_missing_trace(tmp_path):
     from server.cli import main
 
     assert main(["traces", "show", "0" * 32, "--data-dir", str(tmp_path)]) == 2
+
+
+def test_traces_are_exported_over_otlp_when_an_endpoint_is_set(tmp_path):
+    """A real OTLP/HTTP receiver on loopback gets the same spans the SQL store keeps."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[ExportTraceServiceRequest] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
+            body = self.rfile.read(int(self.headers["content-length"]))
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            received.append(request)
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    collector = HTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_port}/v1/traces"
+        settings = load_settings(data_dir=tmp_path, rails=False, otlp_endpoint=endpoint)
+        with TestClient(create_app(settings, engine=ScriptedEngine(["fine thanks"], served_model="scripted"), embedder=None)) as client:
+            r = client.post("/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "hello"}]})
+            trace_id = r.headers["x-trace-id"]
+            client.app.state.runtime.tracing.flush()
+            stored = {s["name"] for s in client.app.state.runtime.tracing.store.get(trace_id)}
+    finally:
+        collector.shutdown()
+    exported = [s for req in received for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans if s.trace_id.hex() == trace_id]
+    assert {s.name for s in exported} == stored == {"invoke_agent enclave", "chat scripted"}
+    resource = {a.key: a.value.string_value for req in received for rs in req.resource_spans for a in rs.resource.attributes}
+    assert resource["service.name"] == "enclave"
+
+
+def test_a_response_is_traced_like_a_chat_completion(served):
+    client, engine, keys, _ = served
+    engine.queue("hello there")
+    r = client.post("/v1/responses", headers=_auth(keys["plain"]), json={"model": "scripted", "input": "hi", "store": False})
+    assert r.status_code == 200
+    spans = client.get(f"/v1/traces/{r.headers['x-trace-id']}", headers=_auth(keys["plain"])).json()["spans"]
+    root = next(s for s in spans if s["parent_id"] is None)
+    assert root["attributes"]["enclave.api"] == "responses" and root["attributes"]["gen_ai.response.id"] == r.json()["id"]
+    assert root["attributes"]["gen_ai.usage.output_tokens"] == r.json()["usage"]["output_tokens"] == 2
