@@ -98,15 +98,25 @@ usage_records = Table(
     Index("ix_usage_tenant", "tenant", "at"),
 )
 
-# Per-key spend against its budget. `held` is what admitted requests may still spend:
-# a request is admitted only by one conditional UPDATE that keeps spent + held within
-# the limit, so concurrent requests (and replicas) can never overshoot it together.
+# Per-key spend against its budget, and the holds of requests in progress. A request is
+# admitted in one transaction that locks its key's row, drops expired holds and adds its
+# own only if spent + held + its hold stays within the limit: concurrent requests (and
+# replicas sharing the database) can never admit more than the budget covers. A hold
+# expires, so a replica that dies mid-request does not keep the money held for ever.
 key_budgets = Table(
     "key_budgets",
     metadata,
     Column("key_id", String(64), primary_key=True),
     Column("spent_usd", Float, nullable=False, default=0.0),
-    Column("held_usd", Float, nullable=False, default=0.0),
+)
+
+budget_holds = Table(
+    "budget_holds",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(64), nullable=False, index=True),
+    Column("usd", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
 )
 
 pending_actions = Table(

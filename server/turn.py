@@ -241,10 +241,11 @@ class ChatServing:
 
     async def abandon(self, telemetry: TurnTelemetry, principal: Principal, exc: BaseException) -> None:
         """A turn that failed before it ran: release its hold (billing what it used)."""
-        if self.accounting is not None and telemetry.charge.hold_usd:
-            usd = min(self.accounting.cost(telemetry.charge.engine_seconds), telemetry.charge.hold_usd)
-            await asyncio.to_thread(self.accounting.budgets.settle, principal.key_id, telemetry.charge.hold_usd, usd)
-            telemetry.charge.settled = True
+        charge = telemetry.charge
+        if self.accounting is not None and charge.hold_id is not None and principal.key_id is not None:
+            usd = min(self.accounting.cost(charge.engine_seconds), charge.hold_usd)
+            await asyncio.to_thread(self.accounting.budgets.settle, principal.key_id, charge.hold_id, usd)
+            charge.settled = True
         if telemetry.trace is not None:
             telemetry.trace.fail(exc)
 

@@ -36,4 +36,6 @@ async def get_usage(
         state = await asyncio.to_thread(accounting.budgets.status, principal.key_id)
         out["budget"] = {"key_id": principal.key_id, "limit_usd": principal.budget_usd, **state}
     out["cost_per_hour"] = accounting.cost_per_hour
+    # The measured pace that sizes budget holds (a hold covers twice max_tokens at it).
+    out["seconds_per_token"] = accounting.seconds_per_token
     return out

@@ -11,17 +11,18 @@ was busy, exactly, however requests overlap.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 
-from server.db import key_budgets, usage_records
+from server.db import budget_holds, key_budgets, usage_records
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -69,6 +70,7 @@ class Charge:
     unbilled_seconds: float = 0.0
     ceiling_seconds: float | None = None  # from the key's budget hold
     hold_usd: float = 0.0
+    hold_id: str | None = None
     capped: bool = False
     settled: bool = False
 
@@ -92,9 +94,10 @@ def cost_usd(engine_seconds: float, cost_per_hour: float) -> float:
 
 
 class Budgets:
-    """Per-key spend in SQL. reserve() is one conditional UPDATE: it succeeds only while
-    spent + held + hold stays within the limit, so no interleaving of requests (or of
-    replicas sharing the database) can admit more than the budget covers."""
+    """Per-key spend and holds in SQL (see db.key_budgets). Blocking: call in a thread."""
+
+    # Longer than any turn runs; a hold older than this belonged to a process that died.
+    HOLD_TTL_S = 3600.0
 
     def __init__(self, db: Database):
         self.db = db
@@ -102,32 +105,41 @@ class Budgets:
     def _ensure(self, key_id: str) -> None:
         try:
             with self.db.begin() as conn:
-                conn.execute(insert(key_budgets).values(key_id=key_id, spent_usd=0.0, held_usd=0.0))
+                conn.execute(insert(key_budgets).values(key_id=key_id, spent_usd=0.0))
         except IntegrityError:
             pass  # it exists
 
-    def reserve(self, key_id: str, limit_usd: float, hold_usd: float) -> bool:
+    def reserve(self, key_id: str, limit_usd: float, hold_usd: float) -> str | None:
+        """The id of a new hold, or None when the budget cannot cover it."""
         self._ensure(key_id)
-        b = key_budgets.c
+        now = time.time()
+        b, h = key_budgets.c, budget_holds.c
         with self.db.begin() as conn:
-            done = conn.execute(
-                update(key_budgets)
-                .where(and_(b.key_id == key_id, b.spent_usd + b.held_usd + hold_usd <= limit_usd))
-                .values(held_usd=b.held_usd + hold_usd)
-            )
-        return done.rowcount == 1
+            # The no-op update locks the key's row (PostgreSQL) or the database (SQLite)
+            # until commit: the check and the insert below cannot interleave with another's.
+            conn.execute(update(key_budgets).where(b.key_id == key_id).values(spent_usd=b.spent_usd))
+            conn.execute(delete(budget_holds).where(h.key_id == key_id, h.expires_at < now))
+            spent = conn.execute(select(b.spent_usd).where(b.key_id == key_id)).scalar_one()
+            held = conn.execute(select(func.coalesce(func.sum(h.usd), 0.0)).where(h.key_id == key_id)).scalar_one()
+            if spent + held + hold_usd > limit_usd:
+                return None
+            hold_id = "hold_" + secrets.token_hex(8)
+            conn.execute(insert(budget_holds).values(id=hold_id, key_id=key_id, usd=hold_usd, expires_at=now + self.HOLD_TTL_S))
+        return hold_id
 
-    def settle(self, key_id: str, hold_usd: float, spent_usd: float) -> None:
+    def settle(self, key_id: str, hold_id: str, spent_usd: float) -> None:
+        """Release the hold and add what the request spent."""
         b = key_budgets.c
         with self.db.begin() as conn:
-            conn.execute(
-                update(key_budgets).where(b.key_id == key_id).values(held_usd=b.held_usd - hold_usd, spent_usd=b.spent_usd + spent_usd)
-            )
+            conn.execute(delete(budget_holds).where(budget_holds.c.id == hold_id))
+            conn.execute(update(key_budgets).where(b.key_id == key_id).values(spent_usd=b.spent_usd + spent_usd))
 
     def status(self, key_id: str) -> dict[str, float]:
+        h = budget_holds.c
         with self.db.connect() as conn:
-            row = conn.execute(select(key_budgets).where(key_budgets.c.key_id == key_id)).mappings().first()
-        return {"spent_usd": row["spent_usd"], "held_usd": row["held_usd"]} if row else {"spent_usd": 0.0, "held_usd": 0.0}
+            spent = conn.execute(select(key_budgets.c.spent_usd).where(key_budgets.c.key_id == key_id)).scalar_one_or_none()
+            held = conn.execute(select(func.coalesce(func.sum(h.usd), 0.0)).where(h.key_id == key_id, h.expires_at >= time.time())).scalar_one()
+        return {"spent_usd": spent or 0.0, "held_usd": float(held)}
 
 
 _GROUPS = {
@@ -221,14 +233,15 @@ class Accounting:
         from server.errors import InsufficientQuotaError
 
         seconds, usd = self.hold(max_new_tokens)
-        if not self.budgets.reserve(key_id, budget_usd, usd):
+        hold_id = self.budgets.reserve(key_id, budget_usd, usd)
+        if hold_id is None:
             state = self.budgets.status(key_id)
             raise InsufficientQuotaError(
                 f"This API key's budget of ${budget_usd:.6f} cannot cover this request (up to ${usd:.6f}): "
                 f"${state['spent_usd']:.6f} is spent and ${state['held_usd']:.6f} is held by requests in progress. "
                 "Lower max_tokens, wait for requests in progress, or raise the budget."
             )
-        charge.ceiling_seconds, charge.hold_usd = seconds, usd
+        charge.ceiling_seconds, charge.hold_usd, charge.hold_id = seconds, usd, hold_id
 
     def settle(self, key_id: str | None, charge: Charge, row: dict[str, Any]) -> float:
         """Record the turn and release its hold; returns its cost. Blocking (SQL)."""
@@ -237,8 +250,8 @@ class Accounting:
             usd = min(usd, charge.hold_usd)  # the ceiling already bounds it; this drops float dust
         row = {**row, "engine_seconds": charge.engine_seconds, "cost_usd": usd}
         self.ledger.record(row)
-        if charge.hold_usd and key_id is not None:
-            self.budgets.settle(key_id, charge.hold_usd, usd)
+        if charge.hold_id is not None and key_id is not None:
+            self.budgets.settle(key_id, charge.hold_id, usd)
         completion = row.get("completion_tokens") or 0
         if completion and charge.engine_seconds > 0 and not charge.capped:
             # Learn the pace (engine seconds per generated token, prefill included).

@@ -196,9 +196,9 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
 
 
 def test_a_budget_is_never_overshot_under_50_concurrent_requests(live_server):
-    # Room for a few requests' holds at once (the hold of 24 tokens is about 1-5 engine
-    # seconds at $0.10/hour), far from all 50.
-    budget = 0.0003
+    # Room for four requests' holds at once, and for about a fifth of what 50 spend.
+    pace = httpx.get(f"{live_server.base_url}/usage", headers=live_server.headers()).json()
+    budget = 4 * 2 * pace["seconds_per_token"] * 24 * pace["cost_per_hour"] / 3600
     key = create_key(live_server.data_dir, "--tenant", "budgetco", "--user", "u1", "--scope", "chat", "--scope", "usage", "--budget-usd", str(budget))
     c = openai.OpenAI(base_url=live_server.base_url, api_key=key, max_retries=0, timeout=300)
 
@@ -224,7 +224,7 @@ def test_a_budget_is_never_overshot_under_50_concurrent_requests(live_server):
     assert state["spent_usd"] == pytest.approx(usage["total"]["cost_usd"], rel=1e-9)
     assert usage["total"]["requests"] == len(served)
     assert set(refused[0].body) == {"message", "type", "param", "code"}  # OpenAI's error shape
-    print(f"budget ${budget}: {len(served)} served, {len(refused)} refused, ${state['spent_usd']:.8f} spent")
+    print(f"budget ${budget:.8f}: {len(served)} served, {len(refused)} refused, ${state['spent_usd']:.8f} spent")
 
 
 def test_metrics_report_engine_queue_and_cost(live_server, client, model_name):

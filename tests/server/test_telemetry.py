@@ -57,25 +57,33 @@ def test_a_charge_past_its_ceiling_is_unbilled():
 
 def test_budget_holds_are_atomic_under_concurrency(tmp_path):
     budgets = Budgets(connect(f"sqlite:///{tmp_path / 'b.db'}"))
-    admitted = []
+    holds: list[str | None] = []
     start = threading.Barrier(50)
 
     def reserve() -> None:
         start.wait()
-        admitted.append(budgets.reserve("key_1", limit_usd=1.0, hold_usd=0.1))
+        holds.append(budgets.reserve("key_1", limit_usd=1.0, hold_usd=0.1))
 
     threads = [threading.Thread(target=reserve) for _ in range(50)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sum(admitted) == 10  # 10 holds of 0.1 fill a budget of 1.0, never an 11th
+    admitted = [h for h in holds if h is not None]
+    assert len(admitted) == 10  # 10 holds of 0.1 fill a budget of 1.0, never an 11th
     assert budgets.status("key_1")["held_usd"] == pytest.approx(1.0)
-    for _ in range(10):
-        budgets.settle("key_1", 0.1, 0.04)
+    for hold in admitted:
+        budgets.settle("key_1", hold, 0.04)
     state = budgets.status("key_1")
     assert state["held_usd"] == pytest.approx(0) and state["spent_usd"] == pytest.approx(0.4)
-    assert sum(budgets.reserve("key_1", 1.0, 0.1) for _ in range(10)) == 6  # 0.6 left
+    assert sum(budgets.reserve("key_1", 1.0, 0.1) is not None for _ in range(10)) == 6  # 0.6 left
+
+
+def test_a_hold_left_by_a_dead_process_expires(tmp_path):
+    budgets = Budgets(connect(f"sqlite:///{tmp_path / 'b.db'}"))
+    budgets.HOLD_TTL_S = -1.0  # every hold is already stale when the next request comes
+    assert budgets.reserve("key_1", 1.0, 1.0) is not None  # never settled: its process "died"
+    assert budgets.reserve("key_1", 1.0, 1.0) is not None  # the stale hold no longer counts
 
 
 def test_usage_sums_by_group_and_tenant(tmp_path):
@@ -154,11 +162,13 @@ def test_a_budget_refuses_what_it_cannot_cover_and_caps_what_it_admits(served):
     # Holds of 2 x 0.25 s x 4 tokens = $2: two fit in $5, a third does not.
     body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert accounting.hold(4) == pytest.approx((2.0, 2.0))
-    assert accounting.budgets.reserve(key_id, 5.0, 2.0) and accounting.budgets.reserve(key_id, 5.0, 2.0)
+    held = [accounting.budgets.reserve(key_id, 5.0, 2.0), accounting.budgets.reserve(key_id, 5.0, 2.0)]
+    assert None not in held
     r = client.post("/v1/chat/completions", headers=_auth(keys["budgeted"]), json=body)
     assert r.status_code == 429 and r.json()["error"]["type"] == "insufficient_quota" and "budget" in r.json()["error"]["message"]
     assert client.get(f"/v1/traces/{r.headers['x-trace-id']}", headers=_auth(keys["plain"])).json()["spans"][0]["attributes"]["error.type"] == "InsufficientQuotaError"
-    accounting.budgets.settle(key_id, 4.0, 0.0)
+    for hold in held:
+        accounting.budgets.settle(key_id, hold, 0.0)
 
     # A pace far below the engine's: the hold is tiny and the generation is cut at it.
     accounting.seconds_per_token = 0.0001
