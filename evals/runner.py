@@ -285,6 +285,8 @@ def stop_local_server(proc: subprocess.Popen) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import httpx
+
     from evals.report import compare, summarise, write_report
 
     if args.rescore:
@@ -309,6 +311,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             print(f"running {len(cases)} cases against {args.base_url} (concurrency {args.concurrency})", file=sys.stderr)
             outcome = asyncio.run(run(args, cases))
+        except httpx.HTTPError as exc:
+            # Setting the run up failed (the server is unreachable, or refused the key).
+            print(f"enclave eval: error: {args.base_url}: {exc}", file=sys.stderr)
+            return 2
         finally:
             if proc is not None:
                 stop_local_server(proc)

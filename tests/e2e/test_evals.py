@@ -22,13 +22,18 @@ def test_the_golden_set_covers_the_support_deployment():
     assert all(c["expect"] for c in cases)
 
 
+def test_an_unreachable_server_is_a_clear_error(tmp_path):
+    done = enclave("eval", "--base-url", "http://127.0.0.1:9/v1", "--per-category", "1", "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2 and "enclave eval: error: http://127.0.0.1:9/v1" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_slice_runs_against_the_live_server_and_the_gate_catches_a_regression(live_server, tmp_path):
     out = tmp_path / "report"
     floor = tmp_path / "floor.json"
     floor.write_text(json.dumps({"overall": 0.0, "categories": {c: {"score": 0.0} for c in CATEGORIES}}))
     done = enclave(
         "eval", "--base-url", live_server.base_url, "--api-key", live_server.key, "--per-category", "2", "--concurrency", "4",
-        "--out", str(out), "--baseline", str(floor), env=live_server.env, timeout=900,
+        "--out", str(out), "--baseline", str(floor), "--judge", env=live_server.env, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -47,6 +52,10 @@ def test_a_slice_runs_against_the_live_server_and_the_gate_catches_a_regression(
     answered = [r for r in report["results"] if not r.get("error")]
     assert answered and all(r["cost_usd"] is not None and len(r["trace_id"]) == 32 for r in answered)
     assert report["comparison"]["regressions"] == []
+    # The judge (the same local model, constrained JSON) gave verdicts on fact answers only.
+    facts = [r for r in answered if r["category"] in ("grounded", "memory")]
+    assert any(r["judge"] in (0.0, 1.0) for r in facts)
+    assert all(r["judge"] is None for r in report["results"] if r["category"] not in ("grounded", "memory"))
     md = (out / "report.md").read_text()
     assert "| must_refuse | 2 |" in md and "No regression" in md
     for chart in ("scores_by_category.png", "latency_by_category.png", "cost_by_category.png"):
