@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 
 from server.db import budget_holds, key_budgets, usage_records
+from server.errors import InsufficientQuotaError
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -230,8 +231,6 @@ class Accounting:
         """Reserve the hold, or raise InsufficientQuotaError. Blocking (SQL): run in a thread."""
         if budget_usd is None or key_id is None:
             return
-        from server.errors import InsufficientQuotaError
-
         seconds, usd = self.hold(max_new_tokens)
         hold_id = self.budgets.reserve(key_id, budget_usd, usd)
         if hold_id is None:
