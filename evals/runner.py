@@ -7,8 +7,8 @@ Each case is sent the way an application would send it (chat completions, temper
 tool cases with the support tool pack, grounded cases with the knowledge in
 `evals/knowledge/` (uploaded once into a vector store), memory cases as a conversation.
 Scores go to a report (Markdown, JSON, PNG charts) and are compared with a baseline:
-a category whose mean score drops by more than the threshold fails the run (exit 1),
-which is the deploy gate.
+a category whose mean score drops by more than the threshold and more than chance
+explains fails the run (exit 1), which is the deploy gate.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("evals/reports") / time.strftime("%Y%m%d-%H%M%S"), help="report directory")
     p.add_argument("--baseline", type=Path, default=BASELINE, help="scores to compare with (the deploy gate)")
     p.add_argument("--no-baseline", action="store_true", help="report only, no gate")
-    p.add_argument("--threshold", type=float, default=0.05, help="largest allowed drop of a category's mean score")
+    p.add_argument("--threshold", type=float, default=0.05, help="smallest drop of a category's mean score that can fail the run")
+    p.add_argument("--z", type=float, default=2.0, help="a drop must also exceed this many standard errors of the case-by-case change (0: threshold only)")
     p.add_argument("--write-baseline", type=Path, help="store this run's scores as a baseline")
     p.add_argument("--judge", action="store_true", help="also grade fact answers with an LLM judge (local model)")
     p.add_argument("--judge-model", help="judge model (default: the evaluated model)")
@@ -254,6 +255,8 @@ def start_local_server() -> tuple[subprocess.Popen, str, str, Path]:
         **os.environ,
         "ENCLAVE_DATA_DIR": str(data),
         "HF_HUB_OFFLINE": "1",
+        # The canary is part of every prompt: a fixed one makes runs comparable across restarts.
+        "ENCLAVE_RAILS_CANARY": "enc-e7a1c0ffee",
         "ENCLAVE_TOOL_RATE_LIMITS": json.dumps({"create_refund": "10000/minute", "handoff_to_agent": "10000/minute", "lookup_ticket": "10000/minute"}),
     }
     log = (data / "server.log").open("w")
@@ -323,11 +326,13 @@ def main(args: argparse.Namespace) -> int:
         results, meta = outcome["results"], outcome["run"]
     summary = summarise(results)
     baseline = None if args.no_baseline or not args.baseline or not args.baseline.exists() else json.loads(args.baseline.read_text())
-    comparison = compare(summary, baseline, args.threshold) if baseline is not None else None
+    comparison = compare(summary, baseline, args.threshold, args.z, results) if baseline is not None else None
     paths = write_report(args.out, meta, summary, results, comparison, baseline)
     print(paths["markdown"].read_text())
     if args.write_baseline:
-        args.write_baseline.write_text(json.dumps({"model": meta["model"], "run": meta, **summary}, indent=2) + "\n")
+        # Per-case scores too: the gate compares the same cases pair by pair.
+        cases_scores = {r["id"]: r["score"] for r in sorted(results, key=lambda r: r["id"])}
+        args.write_baseline.write_text(json.dumps({"model": meta["model"], "run": meta, **summary, "cases": cases_scores}, indent=2) + "\n")
         print(f"baseline written to {args.write_baseline}", file=sys.stderr)
     if comparison is not None and comparison["regressions"]:
         print("REGRESSION: " + "; ".join(comparison["regressions"]), file=sys.stderr)

@@ -278,12 +278,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     guard = None
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
-        guard = Guard(settings.rails_dir, metrics)
+        guard = Guard(settings.rails_dir, metrics, settings.rails_canary)
         guard.audit = GuardAudit(db)
     memory_services = build_memory(settings, db, embedder)
     memory_services.metrics = metrics
     otlp = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
-    tracing = Tracing(db, otlp)
+    tracing = Tracing(db, otlp, settings.trace_retention_days)
     runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard, tracing, db)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)

@@ -64,12 +64,17 @@ class Settings(BaseSettings):
     # Guardrails: a NeMo Guardrails configuration directory, run around every turn.
     rails: bool = True
     rails_dir: Path = PROJECT_ROOT / "rails"
+    # The system-prompt canary the leak rail looks for; empty: a new random one per
+    # process. Pin a secret one where answers must be the same across restarts (evals).
+    rails_canary: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{6,32}$")
     # Memories recalled into a turn.
     memory_recall_k: int = Field(4, ge=0, le=32)
     # Traces are always kept in SQL; with an OTLP/HTTP endpoint (e.g.
     # http://collector:4318/v1/traces) they are exported there too. Empty: the standard
     # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable, if set.
     otlp_endpoint: str | None = None
+    # Days the local trace store keeps spans (0: for ever).
+    trace_retention_days: float = Field(30.0, ge=0)
     # Hourly hardware cost (USD) for cost accounting; empty: the model profile's.
     cost_per_hour: float | None = Field(None, ge=0)
 

@@ -155,7 +155,7 @@ TOOL_RESULT_WITHHELD = '{"error": "the tool\'s result was withheld by the guardr
 
 
 class Guard:
-    def __init__(self, path: Path, metrics: Metrics):
+    def __init__(self, path: Path, metrics: Metrics, canary: str | None = None):
         self.metrics = metrics
         self.config, self._rails = _load_rails(path)
         self.services = RailServices()
@@ -163,8 +163,10 @@ class Guard:
         for r in {id(x): x for x in self._rails.values()}.values():
             r.register_action_param("enclave", self.services)
         # A secret marker in every system prompt: an answer that repeats it is leaking
-        # the prompt. New per process, so it cannot be learned from an earlier leak.
-        self.canary = "enc-" + secrets.token_hex(5)
+        # the prompt. New per process, so it cannot be learned from an earlier leak,
+        # unless the operator pins it: it is part of every prompt, so runs that must
+        # give the same answers across restarts (evals) pin it.
+        self.canary = canary or "enc-" + secrets.token_hex(5)
         refusals = self.config.bot_messages.get("refuse to respond") or ["I'm sorry, but I can't help with that request."]
         self.refusal = refusals[0]
         enclave = (self.config.custom_data or {}).get("enclave") or {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,7 +37,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Engine as Database
 
 from server.db import trace_spans
@@ -157,8 +158,10 @@ class Tracing:
     """The app's tracer provider (its own, not the global one: several apps in one
     test process must not share exporters)."""
 
-    def __init__(self, db: Database, otlp_endpoint: str | None = None, service_name: str = "enclave", flush_interval_ms: int = 500):
-        self.store = TraceStore(db)
+    def __init__(
+        self, db: Database, otlp_endpoint: str | None = None, retention_days: float | None = None, service_name: str = "enclave", flush_interval_ms: int = 500
+    ):
+        self.store = TraceStore(db, retention_days)
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         self.provider.add_span_processor(BatchSpanProcessor(SqlSpanExporter(self.store), schedule_delay_millis=flush_interval_ms))
         if otlp_endpoint:
@@ -214,10 +217,23 @@ def _hex(value: int, width: int) -> str:
 
 
 class TraceStore:
-    """Spans in SQL: written by the exporter thread, read by the API and the CLI."""
+    """Spans in SQL: written by the exporter thread, read by the API and the CLI. Spans
+    older than the retention are deleted as new ones arrive (at most every few minutes)."""
 
-    def __init__(self, db: Database):
+    PRUNE_EVERY_S = 300.0
+
+    def __init__(self, db: Database, retention_days: float | None = None):
         self.db = db
+        self.retention_s = retention_days * 86400 if retention_days else None
+        self._pruned_at = 0.0
+
+    def prune(self, now: float | None = None) -> int:
+        if self.retention_s is None:
+            return 0
+        now = time.time() if now is None else now
+        self._pruned_at = now
+        with self.db.begin() as conn:
+            return conn.execute(delete(trace_spans).where(trace_spans.c.start_time < now - self.retention_s)).rowcount or 0
 
     def write(self, spans: Sequence[ReadableSpan]) -> None:
         rows = []
@@ -241,6 +257,8 @@ class TraceStore:
         if rows:
             with self.db.begin() as conn:
                 conn.execute(insert(trace_spans), rows)
+        if time.time() - self._pruned_at > self.PRUNE_EVERY_S:
+            self.prune()
 
     def get(self, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
         """The trace's spans in start order; empty when it does not exist or its root

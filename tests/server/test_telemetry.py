@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -258,3 +259,16 @@ def test_a_response_is_traced_like_a_chat_completion(served):
     root = next(s for s in spans if s["parent_id"] is None)
     assert root["attributes"]["enclave.api"] == "responses" and root["attributes"]["gen_ai.response.id"] == r.json()["id"]
     assert root["attributes"]["gen_ai.usage.output_tokens"] == r.json()["usage"]["output_tokens"] == 2
+
+
+def test_the_trace_store_drops_spans_past_their_retention(served):
+    client, engine, keys, _ = served
+    engine.queue("old answer")
+    r = client.post("/v1/chat/completions", headers=_auth(keys["plain"]), json={"model": "scripted", "messages": [{"role": "user", "content": "hi"}]})
+    tracing = client.app.state.runtime.tracing
+    tracing.flush()
+    store = tracing.store
+    assert store.retention_s == 30 * 86400 and store.get(r.headers["x-trace-id"])
+    assert store.prune(now=time.time() + 29 * 86400) == 0
+    assert store.prune(now=time.time() + 31 * 86400) == 2  # the root and its model call
+    assert store.get(r.headers["x-trace-id"]) == []
