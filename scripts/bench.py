@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import signal
 import socket
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from server.checkpoints import verify  # noqa: E402
 from server.config import load_settings  # noqa: E402
-from server.engine.vllm import engine_arguments  # noqa: E402
+from server.engine.vllm import api_server_flags, engine_arguments  # noqa: E402
 from server.profiles import find_profile  # noqa: E402
 
 
@@ -39,25 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def vllm_cli_flags(args: dict) -> list[str]:
-    """AsyncEngineArgs as `vllm.entrypoints.openai.api_server` flags."""
-    flags: list[str] = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "model":
-            flags += [flag, str(value)]
-        elif isinstance(value, bool):
-            if value:
-                flags.append(flag)
-        elif isinstance(value, list):
-            flags += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            flags += [flag, json.dumps(value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -126,7 +106,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-"))
     ports = {"vllm": free_port(), "ours": free_port()}
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(ports["vllm"]),
-                *vllm_cli_flags(engine_arguments(profile, checkpoint))]
+                *api_server_flags(engine_arguments(profile, checkpoint))]
     ours_cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(ports["ours"]), "--data-dir", str(work / "data")]
     procs = {
         "vllm": start(vllm_cmd, env, work / "vllm.log"),

@@ -199,6 +199,11 @@ class Runtime:
         assert self.profile is not None and self.checkpoint is not None
         settings = self.settings
         embedder = Embedder(settings.embedding_model_path or packaged_model_dir(), settings.embedding_model_name)
+        upstreams = settings.upstreams or self.profile.upstreams
+        if upstreams:
+            from server.engine.remote import RemoteEngine
+
+            return embedder, RemoteEngine.load(self.profile, self.checkpoint, upstreams, settings.upstream_api_key)
         engine = VllmEngine.load(self.profile, self.checkpoint, settings.engine_overrides)
         return embedder, engine
 

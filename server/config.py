@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     insecure: bool = False
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # vLLM OpenAI servers to generate on instead of an in-process engine (JSON list of base
+    # URLs ending in /v1); overrides the profile's `upstreams`.
+    upstreams: list[str] = Field(default_factory=list)
+    upstream_api_key: str | None = None
     # Extra engine arguments that override the profile's (e.g. {"max_num_seqs": 32}).
     engine_overrides: dict[str, Any] = Field(default_factory=dict)
     # SQLAlchemy URL of the relational state; empty means <data_dir>/enclave.db (SQLite).

@@ -49,6 +49,11 @@ class ModelProfile(BaseModel):
     # Engine seconds per generated token a request is expected to use, before the server
     # has measured it: the first budget holds are sized from it.
     seconds_per_token: float = Field(0.25, gt=0)
+    # OpenAI-compatible vLLM servers (base URLs ending in /v1) that serve this model; empty:
+    # the engine runs in this process. The checkpoint is still read here, for its tokenizer.
+    upstreams: list[str] = Field(default_factory=list)
+    # The model name the upstreams serve (their --served-model-name); default: this profile's name.
+    upstream_model: str | None = None
     # Passed to vllm AsyncEngineArgs as they are.
     engine_args: dict[str, Any] = Field(default_factory=dict)
     # Environment the engine needs before it starts (e.g. VLLM_CPU_KVCACHE_SPACE).

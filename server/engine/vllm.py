@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,24 @@ def engine_arguments(profile: ModelProfile, checkpoint: Path, overrides: dict[st
     args.update(profile.engine_args)
     args.update(overrides or {})
     return args
+
+
+def api_server_flags(args: dict[str, Any]) -> list[str]:
+    """Engine arguments as flags of vLLM's own OpenAI server (`vllm.entrypoints.openai.
+    api_server`): how a remote upstream serves a profile exactly as we would in-process."""
+    flags: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                flags.append(flag)
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 class VllmEngine:

