@@ -75,7 +75,7 @@ class RemoteEngine:
         self._health_task: asyncio.Task | None = None
 
     @classmethod
-    def load(cls, profile: Any, checkpoint: Any, upstreams: list[str], api_key: str | None = None) -> "RemoteEngine":
+    def load(cls, profile: Any, checkpoint: Any, upstreams: list[str], api_key: str | None = None) -> RemoteEngine:
         """Blocking (tokenizer, one model listing): call it in a thread. The context
         length is the upstreams' own when one answers, else the profile's."""
         from transformers import AutoTokenizer
