@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +32,12 @@ from server.errors import EngineError, InvalidRequestError, ServiceUnavailableEr
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Upstream:
     url: str  # base URL ending in /v1
     outstanding: int = 0
     healthy: bool = True
-    down_since: float | None = None
-    failures: int = 0
     streams: dict[str, httpx.Response] = field(default_factory=dict)
 
 
@@ -118,8 +116,6 @@ class RemoteEngine:
         if upstream.healthy:
             log.warning("model server %s is down: %s", upstream.url, why)
         upstream.healthy = False
-        upstream.down_since = time.monotonic()
-        upstream.failures += 1
         self._ensure_health_checks()
 
     def _ensure_health_checks(self) -> None:
@@ -143,10 +139,6 @@ class RemoteEngine:
             if ok and not u.healthy:
                 log.info("model server %s is back", u.url)
             u.healthy = ok
-            if not ok and u.down_since is None:
-                u.down_since = time.monotonic()
-            if ok:
-                u.down_since = None
 
         await asyncio.gather(*(probe(u) for u in self.upstreams))
 
