@@ -56,8 +56,8 @@ def test_a_charge_past_its_ceiling_is_unbilled():
     assert cost_usd(3600, 0.10) == pytest.approx(0.10)
 
 
-def test_budget_holds_are_atomic_under_concurrency(tmp_path):
-    budgets = Budgets(connect(f"sqlite:///{tmp_path / 'b.db'}"))
+def test_budget_holds_are_atomic_under_concurrency(db_url):
+    budgets = Budgets(connect(db_url))
     holds: list[str | None] = []
     start = threading.Barrier(50)
 
@@ -80,15 +80,15 @@ def test_budget_holds_are_atomic_under_concurrency(tmp_path):
     assert sum(budgets.reserve("key_1", 1.0, 0.1) is not None for _ in range(10)) == 6  # 0.6 left
 
 
-def test_a_hold_left_by_a_dead_process_expires(tmp_path):
-    budgets = Budgets(connect(f"sqlite:///{tmp_path / 'b.db'}"))
+def test_a_hold_left_by_a_dead_process_expires(db_url):
+    budgets = Budgets(connect(db_url))
     budgets.HOLD_TTL_S = -1.0  # every hold is already stale when the next request comes
     assert budgets.reserve("key_1", 1.0, 1.0) is not None  # never settled: its process "died"
     assert budgets.reserve("key_1", 1.0, 1.0) is not None  # the stale hold no longer counts
 
 
-def test_usage_sums_by_group_and_tenant(tmp_path):
-    ledger = UsageLedger(connect(f"sqlite:///{tmp_path / 'u.db'}"))
+def test_usage_sums_by_group_and_tenant(db_url):
+    ledger = UsageLedger(connect(db_url))
     rows = [("r1", "acme", "k1", "c1", 0.5), ("r2", "acme", "k1", "c1", 0.25), ("r3", "acme", "k2", None, 1.0), ("r4", "globex", "k3", None, 2.0)]
     for rid, tenant, key, conv, usd in rows:
         ledger.record(
@@ -115,13 +115,13 @@ def test_log_arguments_stay_positional_and_masked():
 
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, db_url):
     keys = KeyStore(tmp_path / "keys.json")
     plain, _ = keys.create("acme", "ann", ["chat", "traces", "usage"])
     other, _ = keys.create("globex", "gus", ["chat", "traces", "usage"])
     budgeted, record = keys.create("acme", "bob", ["chat", "usage"], budget_usd=5.0)
     # $1 per engine second makes the arithmetic readable.
-    settings = load_settings(data_dir=tmp_path, rails=False, cost_per_hour=3600.0)
+    settings = load_settings(data_dir=tmp_path, rails=False, cost_per_hour=3600.0, database_url=db_url)
     engine = ScriptedEngine(served_model="scripted", max_model_len=400, token_delay=0.01)
     with TestClient(create_app(settings, engine=engine, embedder=None)) as client:
         yield client, engine, {"plain": plain, "other": other, "budgeted": budgeted}, record["id"]

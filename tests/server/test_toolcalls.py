@@ -128,10 +128,13 @@ def delete_thing(ctx: ToolContext, what: Annotated[str, Field(pattern="^[a-z]+$"
 
 
 @pytest.fixture
-def executor(tmp_path):
+def executor(db_url):
+    """On SQLite and on PostgreSQL: confirmations and rate limits rest on the database."""
+    flaky.fn.calls = 0  # the test tools' own state starts afresh for each run
+    counter["runs"] = 0
     registry = Registry()
     registry.add_pack("test", [flaky, slow, limited, refuses, delete_thing])
-    return Executor(registry, connect(sqlite_url(tmp_path / "enclave.db")), action_ttl_s=60)
+    return Executor(registry, connect(db_url), action_ttl_s=60)
 
 
 def _run(executor, name, args, principal=ALICE):
