@@ -19,7 +19,8 @@ POSTGRES_ADMIN_URL = os.environ.get("ENCLAVE_TEST_POSTGRES_URL", "postgresql+psy
 
 @pytest.fixture(scope="session")
 def postgres_admin():
-    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # A short connect timeout: where nothing listens the skip must be quick, not a hang.
+    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
     try:
         with engine.connect():
             pass
