@@ -51,7 +51,7 @@ from server.routes import (
     usage,
     vector_stores,
 )
-from server.telemetry.cost import Accounting, EngineClock
+from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN, Accounting, EngineClock
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
@@ -120,8 +120,8 @@ class Runtime:
         engine = MeteredEngine(engine, clock)  # type: ignore[assignment]
         if self.db is not None:
             price = self.settings.cost_per_hour if self.settings.cost_per_hour is not None else (self.profile.cost_per_hour if self.profile else 0.0)
-            pace = self.profile.seconds_per_token if self.profile else 0.25
-            self.accounting = Accounting(self.db, clock, engine.served_model, price, pace, self.metrics)
+            pace = self.profile.seconds_per_token if self.profile else DEFAULT_SECONDS_PER_TOKEN
+            self.accounting = Accounting(self.db, price, pace)
         self.metrics.watch_clock(engine.served_model, lambda: clock.busy_seconds)
         self._engine = engine
         self.embedder = embedder

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import ConfigError
+from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN
 
 
 class ModelSource(BaseModel):
@@ -48,7 +49,7 @@ class ModelProfile(BaseModel):
     cost_per_hour: float = Field(ge=0)
     # Engine seconds per generated token a request is expected to use, before the server
     # has measured it: the first budget holds are sized from it.
-    seconds_per_token: float = Field(0.25, gt=0)
+    seconds_per_token: float = Field(DEFAULT_SECONDS_PER_TOKEN, gt=0)
     # OpenAI-compatible vLLM servers (base URLs ending in /v1) that serve this model; empty:
     # the engine runs in this process. The checkpoint is still read here, for its tokenizer.
     upstreams: list[str] = Field(default_factory=list)

@@ -26,6 +26,8 @@ from server.db import budget_holds, key_budgets, usage_records
 from server.errors import InsufficientQuotaError
 
 SECONDS_PER_HOUR = 3600.0
+# Engine seconds per generated token assumed for budget holds until a model is measured.
+DEFAULT_SECONDS_PER_TOKEN = 0.25
 
 
 class EngineClock:
@@ -203,19 +205,16 @@ def _numbers(r: Any) -> dict[str, Any]:
 
 
 class Accounting:
-    """Admission against budgets, and the settling of each turn: its usage row, its
-    budget hold replaced by what it spent, the cost metrics."""
+    """Admission against budgets, and the settling of each turn: its usage row and its
+    budget hold replaced by what it spent."""
 
     # A hold covers twice the expected engine time: the pace varies with load.
     MARGIN = 2.0
 
-    def __init__(self, db: Database, clock: EngineClock, model: str, cost_per_hour: float, seconds_per_token: float = 0.25, metrics: Any = None):
+    def __init__(self, db: Database, cost_per_hour: float, seconds_per_token: float = DEFAULT_SECONDS_PER_TOKEN):
         self.budgets = Budgets(db)
         self.ledger = UsageLedger(db)
-        self.clock = clock
-        self.model = model
         self.cost_per_hour = cost_per_hour
-        self.metrics = metrics
         # The profile's estimate until measured; then a moving average of what turns used.
         self.seconds_per_token = seconds_per_token
 
