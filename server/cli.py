@@ -132,6 +132,24 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """`db upgrade` migrates the schema to the newest revision (servers also do it when
+    they start); `db current` says where the database is without changing it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from server import migrate
+    from server.db import connect
+
+    url = _settings(args).resolved_database_url
+    try:
+        engine = connect(url) if args.action == "upgrade" else create_engine(url)
+        print(json.dumps({"current": migrate.current(engine), "head": migrate.head()}))
+    except SQLAlchemyError as exc:
+        raise ConfigError(f"cannot use the database (ENCLAVE_DATABASE_URL): {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from None
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from evals.runner import main as eval_main
 
@@ -196,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", default="tenant", choices=["request", "conversation", "key", "tenant", "user", "model"])
     usage.add_argument("--tenant", help="only this tenant")
     usage.set_defaults(func=cmd_usage)
+
+    db = sub.add_parser("db", parents=[common], help="the relational schema (ENCLAVE_DATABASE_URL)")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.set_defaults(func=cmd_db)
 
     from evals.runner import add_arguments
 

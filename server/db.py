@@ -15,6 +15,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -205,6 +206,15 @@ files = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Uploaded bytes live in the database, not on a replica's disk, so any replica can read a
+# file that another accepted (and deleting the row deletes the file).
+file_contents = Table(
+    "file_contents",
+    metadata,
+    Column("file_id", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
 vector_stores = Table(
     "vector_stores",
     metadata,
@@ -234,7 +244,7 @@ def sqlite_url(path: Path) -> str:
 
 
 def connect(url: str) -> Engine:
-    """An engine with the schema created. SQLite gets WAL and a busy timeout so
+    """An engine with the schema migrated to the newest revision. SQLite gets WAL and a busy timeout so
     concurrent writers (20 simultaneous approvals) queue instead of failing."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +261,9 @@ def connect(url: str) -> Engine:
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
+    from server.migrate import upgrade
+
+    upgrade(engine)
     return engine
 
 

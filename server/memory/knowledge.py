@@ -1,6 +1,6 @@
 """Knowledge (RAG): uploaded files, vector stores, ingest and search.
 
-Files are stored under the data directory and described in SQL; a vector store is a
+Files (their bytes too) are stored in SQL, so every replica reads them; a vector store is a
 named set of files whose chunks live in the tenant's `kb` collection in Chroma, tagged
 with the store and file ids. Adding a file whose name is already in the store replaces
 the old one's chunks (our extension: re-ingesting a changed document must not leave
@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from server.auth import Principal
-from server.db import files, vector_store_files, vector_stores
+from server.db import file_contents, files, vector_store_files, vector_stores
 from server.embedder import Embedder
 from server.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from server.memory.chunking import chunk_sections, document_kind, extract_sections
@@ -67,18 +67,13 @@ class KnowledgeBase:
 
     # ---------------------------------------------------------------- files
 
-    def _path(self, tenant: str, file_id: str) -> Path:
+    def _legacy_path(self, tenant: str, file_id: str) -> Path:
         return self.files_dir / hashlib.sha256(tenant.encode()).hexdigest()[:24] / file_id
 
     def create_file(self, principal: Principal, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
         if not filename:
             raise InvalidRequestError("the uploaded file needs a filename", param="file")
         file_id = _new_id("file")
-        path = self._path(principal.tenant, file_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
         row = {
             "id": file_id,
             "tenant": principal.tenant,
@@ -90,6 +85,7 @@ class KnowledgeBase:
         }
         with self.db.begin() as conn:
             conn.execute(insert(files).values(**row))
+            conn.execute(insert(file_contents).values(file_id=file_id, data=data))
         return public_file(row)
 
     def _file_row(self, principal: Principal, file_id: str) -> dict[str, Any]:
@@ -104,7 +100,19 @@ class KnowledgeBase:
 
     def file_content(self, principal: Principal, file_id: str) -> tuple[str, bytes]:
         row = self._file_row(principal, file_id)
-        return row["filename"], self._path(principal.tenant, file_id).read_bytes()
+        return row["filename"], self._read(principal.tenant, file_id)
+
+    def _read(self, tenant: str, file_id: str) -> bytes:
+        with self.db.connect() as conn:
+            data = conn.execute(select(file_contents.c.data).where(file_contents.c.file_id == file_id)).scalar()
+        if data is not None:
+            return bytes(data)
+        # Files uploaded before their bytes moved into the database (migration 0002)
+        # are still read from the data directory where they were written.
+        path = self._legacy_path(tenant, file_id)
+        if path.exists():
+            return path.read_bytes()
+        raise NotFoundError(f"The content of file {file_id} is missing.", param="file_id")
 
     def list_files(self, principal: Principal, purpose: str | None = None) -> list[dict[str, Any]]:
         query = select(files).where(files.c.tenant == principal.tenant).order_by(files.c.created_at.desc())
@@ -119,8 +127,9 @@ class KnowledgeBase:
         self._kb(principal.tenant).delete(where={"file_id": file_id})
         with self.db.begin() as conn:
             conn.execute(delete(vector_store_files).where(vector_store_files.c.file_id == file_id))
+            conn.execute(delete(file_contents).where(file_contents.c.file_id == file_id))
             conn.execute(delete(files).where(files.c.id == file_id))
-        self._path(principal.tenant, file_id).unlink(missing_ok=True)
+        self._legacy_path(principal.tenant, file_id).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ---------------------------------------------------------------- vector stores
@@ -211,7 +220,7 @@ class KnowledgeBase:
         await asyncio.to_thread(self._store_row, principal, store_id)
         row = await asyncio.to_thread(self._file_row, principal, file_id)
         document_kind(row["filename"])  # refuse what we cannot read before touching the store
-        data = await asyncio.to_thread(self._path(principal.tenant, file_id).read_bytes)
+        data = await asyncio.to_thread(self._read, principal.tenant, file_id)
         await asyncio.to_thread(self._replace_membership, principal.tenant, store_id, row)
         try:
             sections = await asyncio.to_thread(extract_sections, row["filename"], data)
