@@ -25,6 +25,7 @@ from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
 from server.engine.metered import MeteredEngine
 from server.errors import (
+    ConfigError,
     EnclaveError,
     InvalidRequestError,
     NotFoundError,
@@ -51,6 +52,7 @@ from server.routes import (
     usage,
     vector_stores,
 )
+from server.routing import Router
 from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN, Accounting, EngineClock
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
@@ -91,12 +93,26 @@ class Runtime:
         self.embedder: Embedder | None = None
         self.load_error: str | None = None
         self._engine: Engine | None = None
+        # The other models routing needs (its tiers beyond `profile`), and every model's
+        # serving by profile name once loaded.
+        self.tier_profiles: list[tuple[ModelProfile, Path]] = []
+        self.servings: dict[str, ChatServing] = {}
+        self.router: Router | None = None
 
     @property
     def served_names(self) -> list[str]:
         if self.profile is not None:
             return self.profile.served_names
         return [self._engine.served_model] if self._engine else []
+
+    def select(self, model: str) -> ChatServing:
+        """The serving a request names by model name or alias: the primary one when none
+        does, which then answers with the right error (unknown or embedding model)."""
+        primary = self.require_chat()
+        for serving in self.servings.values():
+            if model in serving.served_names:
+                return serving
+        return primary
 
     @property
     def model_name(self) -> str:
@@ -114,40 +130,58 @@ class Runtime:
     def ready(self) -> bool:
         return self.chat is not None and self.embedder is not None
 
-    def attach(self, engine: Engine, embedder: Embedder | None) -> None:
-        # Every generation (turns, summaries, self-checks) is timed, charged and traced.
-        clock = EngineClock()
-        engine = MeteredEngine(engine, clock)  # type: ignore[assignment]
-        if self.db is not None:
-            price = self.settings.cost_per_hour if self.settings.cost_per_hour is not None else (self.profile.cost_per_hour if self.profile else 0.0)
-            pace = self.profile.seconds_per_token if self.profile else DEFAULT_SECONDS_PER_TOKEN
-            self.accounting = Accounting(self.db, price, pace)
-        self.metrics.watch_clock(engine.served_model, lambda: clock.busy_seconds)
-        self._engine = engine
+    def attach(self, engine: Engine, embedder: Embedder | None, others: list[tuple[ModelProfile, Engine]] | None = None) -> None:
         self.embedder = embedder
+        primary = self._serving(self.profile, engine, self.served_names)
+        engine = primary.engine
+        self.accounting = primary.accounting
+        self._engine = engine
         if self.memory is not None:
             self.memory.episodic.embedder = embedder
             self.memory.knowledge.embedder = embedder
         if self.guard is not None:
+            # Rails that call a model (self-check) use the primary one.
             self.guard.bind(embedder, engine)
             if self.memory is not None:
                 self.memory.guard = self.guard
             if self.executor is not None:
                 self.executor.guard = self.guard
-        self.chat = ChatServing(
-            engine,
+        servings = [primary, *(self._serving(profile, other, profile.served_names) for profile, other in others or [])]
+        self.servings = {s.model: s for s in servings}
+        if self.settings.routing is not None:
+            self.router = Router(self.settings.routing, self.servings, embedder, self.db)  # type: ignore[arg-type]
+            for serving in servings:
+                watch = getattr(serving.engine, "watch_health", None)
+                if watch is not None:
+                    watch()
+        self.metrics.watch_engine(
+            lambda: sum(s.engine.num_unfinished_requests() for s in servings), getattr(engine.inner, "scheduler_counts", None)
+        )
+        self.chat = primary
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def _serving(self, profile: ModelProfile | None, engine: Engine, served_names: list[str]) -> ChatServing:
+        # Every generation (turns, summaries, self-checks) is timed, charged and traced.
+        clock = EngineClock()
+        metered = MeteredEngine(engine, clock)
+        accounting = None
+        if self.db is not None:
+            price = self.settings.cost_per_hour if self.settings.cost_per_hour is not None else (profile.cost_per_hour if profile else 0.0)
+            pace = profile.seconds_per_token if profile else DEFAULT_SECONDS_PER_TOKEN
+            accounting = Accounting(self.db, price, pace)
+        self.metrics.watch_clock(metered.served_model, lambda: clock.busy_seconds)
+        return ChatServing(
+            metered,  # type: ignore[arg-type]
             self.metrics,
-            self.served_names,
+            served_names or [engine.served_model],
             self.embedding_name,
             self.executor,
             self.settings.max_tool_steps,
             self.memory,
             self.guard,
             self.tracing,
-            self.accounting,
+            accounting,
         )
-        self.metrics.watch_engine(engine.num_unfinished_requests, getattr(engine.inner, "scheduler_counts", None))
-        self.metrics.ready.set(1 if self.ready else 0)
 
     def require_chat(self) -> ChatServing:
         if self.chat is None:
@@ -177,7 +211,7 @@ class Runtime:
         exits non-zero) rather than leaving it up and useless.
         """
         try:
-            embedder, engine = await asyncio.to_thread(self._load_blocking)
+            embedder, engine, others = await asyncio.to_thread(self._load_blocking)
             if self.guard is not None:
                 self.guard.bind(embedder, engine)
                 await self.guard.warm_up()
@@ -186,30 +220,36 @@ class Runtime:
             log.exception("loading the models failed; shutting down")
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.attach(engine, embedder)
+        self.attach(engine, embedder, others)
         # Everything loaded so far lives as long as the process: move it out of the
         # collector's view, so full collections while serving stay short (vLLM does the same).
         gc.collect()
         gc.freeze()
         log.info("ready: serving %s (max_model_len %d) and %s", engine.served_model, engine.max_model_len, embedder.name)
 
-    def _load_blocking(self) -> tuple[Embedder, Engine]:
-        from server.engine.vllm import VllmEngine
-
+    def _load_blocking(self) -> tuple[Embedder, Engine, list[tuple[ModelProfile, Engine]]]:
         assert self.profile is not None and self.checkpoint is not None
         settings = self.settings
         embedder = Embedder(settings.embedding_model_path or packaged_model_dir(), settings.embedding_model_name)
-        upstreams = settings.upstreams or self.profile.upstreams
+        # ENCLAVE_UPSTREAMS and ENCLAVE_ENGINE_OVERRIDES are the served model's; the
+        # other tiers come as their profiles say.
+        engine = self._load_engine(self.profile, self.checkpoint, settings.upstreams, settings.engine_overrides)
+        others = [(profile, self._load_engine(profile, checkpoint, [], {})) for profile, checkpoint in self.tier_profiles]
+        return embedder, engine, others
+
+    def _load_engine(self, profile: ModelProfile, checkpoint: Path, upstreams: list[str], overrides: dict) -> Engine:
+        upstreams = upstreams or profile.upstreams
         if upstreams:
             from server.engine.remote import RemoteEngine
 
-            return embedder, RemoteEngine.load(self.profile, self.checkpoint, upstreams, settings.upstream_api_key)
-        engine = VllmEngine.load(self.profile, self.checkpoint, settings.engine_overrides)
-        return embedder, engine
+            return RemoteEngine.load(profile, checkpoint, upstreams, self.settings.upstream_api_key)
+        from server.engine.vllm import VllmEngine
+
+        return VllmEngine.load(profile, checkpoint, overrides)
 
     async def close(self) -> None:
-        if self._engine is not None:
-            await self._engine.shutdown()
+        for serving in self.servings.values():
+            await serving.engine.shutdown()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still batched
 
@@ -271,7 +311,26 @@ def build_memory(settings: Settings, db, embedder: Embedder | None) -> MemorySer
     )
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Embedder | None = None) -> FastAPI:
+def tier_profiles(settings: Settings, primary: ModelProfile) -> list[tuple[ModelProfile, Path]]:
+    """The profiles and verified checkpoints of the routing tiers beyond the served model:
+    a missing one stops start-up, like the served model's own."""
+    if settings.routing is None:
+        return []
+    out: list[tuple[ModelProfile, Path]] = []
+    for model in dict.fromkeys(settings.routing.tiers.values()):
+        profile = find_profile(settings.profiles_dir, model)
+        if profile.name != model:
+            raise ConfigError(f"routing tier model {model!r} must be a profile's name (it is an alias of {profile.name})")
+        if profile.name != primary.name:
+            out.append((profile, verify(profile, settings.models_dir)))
+    if primary.name not in settings.routing.tiers.values():
+        log.info("routing: the served model %s is in no tier; it is still served by its name", primary.name)
+    return out
+
+
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, embedder: Embedder | None = None, others: list[tuple[ModelProfile, Engine]] | None = None
+) -> FastAPI:
     """Build the app. Without `engine`, the profile's checkpoint is verified now (a missing
     or corrupt model fails here, before binding) and loaded in the background."""
     metrics = Metrics()
@@ -293,12 +352,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, embedder: Em
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
+        runtime.tier_profiles = tier_profiles(settings, runtime.profile)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = None
         if engine is not None:
-            runtime.attach(engine, embedder)
+            runtime.attach(engine, embedder, others)
         else:
             loader = asyncio.create_task(runtime.load())
         try:

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from server.errors import ConfigError
+from server.routing import RoutingConfig
 
 # The repository's own models/ directory: profiles ship with the code.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     # URLs ending in /v1); overrides the profile's `upstreams`.
     upstreams: list[str] = Field(default_factory=list)
     upstream_api_key: str | None = None
+    # Model aliases routed to tiers of models by policy (server/routing.py); every tier's
+    # model profile is loaded beside `model`. Empty: no routing, requests name a model.
+    routing: RoutingConfig | None = None
     # Extra engine arguments that override the profile's (e.g. {"max_num_seqs": 32}).
     engine_overrides: dict[str, Any] = Field(default_factory=dict)
     # SQLAlchemy URL of the relational state; empty means <data_dir>/enclave.db (SQLite).
@@ -147,4 +151,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
-    return Settings.model_construct(**values.model_dump())
+    # Field by field, not model_dump(): nested settings (routing) stay validated models.
+    return Settings.model_construct(**{name: getattr(values, name) for name in Settings.model_fields})

@@ -306,6 +306,9 @@ class ChatCompletion(BaseModel):
     # Engine time attributed to this turn and its price at the profile's hourly cost
     # (also in GET /v1/usage and the turn's trace, whose id is the x-trace-id header).
     cost: dict[str, Any] | None = None
+    # --- extensions: routing ---
+    # Where a turn asked for under a routing alias went, and why (server/routing.py).
+    routing: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

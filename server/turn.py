@@ -51,6 +51,7 @@ from server.protocol import (
     chunk_json,
     logprobs_out,
 )
+from server.routing import Decision
 from server.telemetry.cost import Accounting, Charge, current_charge
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import mask_pii
@@ -117,6 +118,7 @@ class Turn:
     gated_messages: list[dict[str, str]] | None = None
     reserve: int = 0  # a stateful turn's token reserve for the answer, kept for a re-assembly
     telemetry: TurnTelemetry | None = None
+    route: Decision | None = None  # where the router sent a turn asked for by alias
 
 
 @dataclass
@@ -209,6 +211,11 @@ class ChatServing:
         self._ttft = metrics.ttft.labels(model=self.model)
         self._tpot = metrics.tpot.labels(model=self.model)
         self._e2e = metrics.e2e.labels(model=self.model)
+
+    def available(self) -> bool:
+        """Whether the engine can take a turn now (a remote one: some upstream is up)."""
+        check = getattr(self.engine, "available", None)
+        return bool(check()) if check is not None else True
 
     # ------------------------------------------------------------ telemetry and cost
 
@@ -861,6 +868,8 @@ class ChatServing:
         tele = turn.telemetry
         if tele is not None and tele.cost_usd is not None:
             out["cost"] = self.cost_info(tele)
+        if turn.route is not None:
+            out["routing"] = turn.route.public()
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

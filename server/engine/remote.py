@@ -71,6 +71,9 @@ class RemoteEngine:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), transport=transport)
         self._health_interval = health_interval_s
         self._health_task: asyncio.Task | None = None
+        # Probe even while every upstream looks up: a router must learn that a tier is
+        # down before a turn is sent there, not from the turn's failure.
+        self._probe_always = False
 
     @classmethod
     def load(cls, profile: Any, checkpoint: Any, upstreams: list[str], api_key: str | None = None) -> RemoteEngine:
@@ -118,12 +121,20 @@ class RemoteEngine:
         upstream.healthy = False
         self._ensure_health_checks()
 
+    def available(self) -> bool:
+        return any(u.healthy for u in self.upstreams)
+
+    def watch_health(self) -> None:
+        """Probe every upstream periodically from now on (call it on the event loop)."""
+        self._probe_always = True
+        self._ensure_health_checks()
+
     def _ensure_health_checks(self) -> None:
         if self._health_task is None or self._health_task.done():
             self._health_task = asyncio.get_running_loop().create_task(self._check_health_forever())
 
     async def _check_health_forever(self) -> None:
-        while any(not u.healthy for u in self.upstreams):
+        while self._probe_always or any(not u.healthy for u in self.upstreams):
             await asyncio.sleep(self._health_interval)
             await self.check_health()
 

@@ -31,6 +31,7 @@ class ScriptedEngine:
         self.served_model = served_model
         self.max_model_len = max_model_len
         self.token_delay = token_delay
+        self.up = True  # what available() says: a test takes the engine "down"
         self.replies: deque[str] = deque(replies)
         self.calls: list[ScriptedCall] = []
         self.aborted: set[str] = set()
@@ -39,6 +40,9 @@ class ScriptedEngine:
 
     def queue(self, *replies: str) -> None:
         self.replies.extend(replies)
+
+    def available(self) -> bool:
+        return self.up
 
     def _ids(self, text: str) -> list[int]:
         return [self._vocab.setdefault(piece, len(self._vocab)) for piece in _WORD.findall(text)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +14,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from server.auth import Principal, require_scope
 from server.errors import EnclaveError
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
+from server.routing import (
+    Decision,
+    RouteRequest,
+    has_failed_tool_result,
+    last_user_text,
+)
+from server.telemetry import tracing
 from server.turn import ChatServing, Turn
 
 router = APIRouter(prefix="/v1")
@@ -35,19 +43,50 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
-    serving = runtime.require_chat()
+    said = [{"role": m.role, "content": m.content} for m in body.messages]
+    serving, routed = await route_turn(runtime, body.model, principal, RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said)))
+    if routed is not None:
+        body = body.model_copy(update={"model": routed.decision.model})
 
     async def prepare() -> Turn:
         ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
         return await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
 
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, runs_server_tools(body.tools), prepare)
-    headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
+    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, runs_server_tools(body.tools), prepare, routed)
+    headers = turn_headers(turn)
     if body.stream:
         events = await serving.open_stream(turn)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     return await complete_unless_disconnected(request, serving.complete(turn), headers)
+
+
+@dataclass
+class Routed:
+    """A turn asked for under a routing alias: where it went, and when it was decided."""
+
+    decision: Decision
+    start: float
+    end: float
+
+
+async def route_turn(runtime: Any, model: str, principal: Principal, route: RouteRequest) -> tuple[ChatServing, Routed | None]:
+    """The serving for the model a request names; for the routing alias, the tier the
+    router picks (routing is only paid for by requests that ask for it)."""
+    router = runtime.router
+    if router is None or model != router.alias:
+        return runtime.select(model), None
+    runtime.require_chat()
+    start = time.time()
+    serving, decision = await router.route(principal, route)
+    return serving, Routed(decision, start, time.time())
+
+
+def turn_headers(turn: Turn) -> dict[str, str]:
+    headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
+    if turn.route is not None:
+        headers.update(turn.route.headers())
+    return headers
 
 
 def runs_server_tools(tools: list[dict[str, Any]] | None) -> bool:
@@ -56,11 +95,23 @@ def runs_server_tools(tools: list[dict[str, Any]] | None) -> bool:
 
 
 async def begin_turn(
-    serving: ChatServing, request: Request, principal: Principal, api: str, model: str, max_new: int | None, server_tools: bool, prepare: Callable[[], Awaitable[Any]]
+    serving: ChatServing,
+    request: Request,
+    principal: Principal,
+    api: str,
+    model: str,
+    max_new: int | None,
+    server_tools: bool,
+    prepare: Callable[[], Awaitable[Any]],
+    routed: Routed | None = None,
 ) -> Any:
     """Open the turn's trace, admit it against the key's budget (429 when it cannot be
     covered), then prepare it; a turn that fails before it runs releases its hold."""
-    telemetry = await serving.begin(principal, api, request.headers, model, max_new, server_tools)
+    requested = routed.decision.alias if routed is not None else model
+    telemetry = await serving.begin(principal, api, request.headers, requested, max_new, server_tools)
+    if routed is not None and telemetry.trace is not None:
+        telemetry.trace.set(**routed.decision.trace_attributes())
+        tracing.record(f"route {routed.decision.alias}", routed.start, routed.end, **routed.decision.trace_attributes())
     try:
         prepared = await prepare()
     except BaseException as exc:
@@ -70,6 +121,7 @@ async def begin_turn(
         raise
     turn = prepared[0] if isinstance(prepared, tuple) else prepared
     turn.telemetry = telemetry
+    turn.route = routed.decision if routed is not None else None
     return prepared
 
 

@@ -12,7 +12,14 @@ from fastapi.responses import Response, StreamingResponse
 from server.auth import require_scope
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
-from server.routes.chat import begin_turn, complete_unless_disconnected, runs_server_tools
+from server.routes.chat import (
+    begin_turn,
+    complete_unless_disconnected,
+    route_turn,
+    runs_server_tools,
+    turn_headers,
+)
+from server.routing import RouteRequest, has_failed_tool_result, last_user_text
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -26,16 +33,34 @@ def _memory(request: Request):
 @router.post("", responses=_ERRORS, summary="Create a model response (stored and continuable; streamed as typed events when stream is true).")
 async def create_response(body: ResponsesRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
-    chat = request.app.state.runtime.require_chat()
+    runtime = request.app.state.runtime
+    said = _said(body)
+    route = RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
+    chat, routed = await route_turn(runtime, body.model, principal, route)
+    if routed is not None:
+        body = body.model_copy(update={"model": routed.decision.model})
     serving = ResponsesServing(chat)
     turn, shape = await begin_turn(
-        chat, request, principal, "responses", body.model, body.max_output_tokens, runs_server_tools(body.tools), lambda: serving.prepare(body, started, principal)
+        chat, request, principal, "responses", body.model, body.max_output_tokens, runs_server_tools(body.tools), lambda: serving.prepare(body, started, principal), routed
     )
-    headers = {"x-request-id": turn.request_id, **turn.telemetry.headers}
+    headers = turn_headers(turn)
     if body.stream:
         events = await serving.open_stream(turn, shape)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     return await complete_unless_disconnected(request, serving.complete(turn, shape), headers)
+
+
+def _said(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The input as role/content pairs, for the router (validation comes later)."""
+    if isinstance(body.input, str):
+        return [{"role": "user", "content": body.input}]
+    out = []
+    for item in body.input:
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            out.append({"role": "tool", "content": item.get("output")})
+        elif isinstance(item, dict):
+            out.append({"role": item.get("role"), "content": item.get("content")})
+    return out
 
 
 @router.get("/{response_id}", responses=_ERRORS, summary="Get a stored response.")

@@ -1,0 +1,334 @@
+"""Model routing: a model alias (`auto`) sends each turn to a tier by policy.
+
+Tiers are model profiles, declared cheapest first (e.g. small → large). A turn asked for
+under the alias goes, in order of precedence, to:
+
+1. the tier an explicit rule names for its key, tenant or user (`key_rule`);
+2. the escalation tier when the conversation says so: its previous turn was already
+   served there (`escalated_conversation`: an escalation sticks) or ran a tool call that
+   failed (`failed_tool_call`), or the request carries a failed tool result;
+3. the escalation tier when a fast classifier on the user's message, nearest examples
+   under the local embedding model, finds it an escalation (`classifier`);
+4. the default tier otherwise (`default`).
+
+A tier whose engine is down (every upstream failed its health check) is skipped for the
+next in its fallback order, and the reason says so. Conversation signals are read from the
+shared database (usage rows and the tool audit), so every replica routes a conversation
+the same way. The decision goes into the response (`model`, and the `routing` extension),
+its headers and the turn's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import or_, select
+from sqlalchemy.engine import Engine as Database
+
+from server.auth import Principal
+from server.db import conversations, tool_audit, turns, usage_records
+
+log = logging.getLogger(__name__)
+
+# Tool-audit outcomes that count as a failed tool call.
+FAILED_TOOL = ("error", "timeout")
+
+# Support-desk defaults; a deployment replaces them with its own (`routing.classifier`).
+ESCALATION_EXAMPLES = [
+    "I want to speak to a manager.",
+    "I want to file a formal complaint.",
+    "This is the third time I am contacting you and nothing has been fixed.",
+    "I will take legal action if this is not resolved.",
+    "Your service is unacceptable, I want compensation for the damage.",
+    "My account was charged several times and the refund you promised never arrived.",
+    "Nothing works, I have lost a week of business because of your product.",
+    "Escalate this please, your last answer was wrong.",
+    "I need a detailed explanation of why my contract was terminated.",
+    "Several orders are missing, the invoice is wrong and support keeps closing my tickets.",
+]
+ROUTINE_EXAMPLES = [
+    "Where is my parcel?",
+    "How long does delivery take?",
+    "What are your opening hours?",
+    "How do I reset my password?",
+    "What is the status of my ticket?",
+    "Can I change my delivery address?",
+    "Do you ship to Portugal?",
+    "Thanks, that helps.",
+    "Hello!",
+    "How do I return an item?",
+]
+
+
+class KeyRule(BaseModel):
+    """Turns of a key, tenant or user (every field given must match) go to `tier`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_id: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+    tier: str
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> KeyRule:
+        if self.key_id is None and self.tenant is None and self.user is None:
+            raise ValueError("a key rule needs key_id, tenant or user")
+        return self
+
+    def matches(self, principal: Principal) -> bool:
+        return all(
+            want is None or want == have
+            for want, have in ((self.key_id, principal.key_id), (self.tenant, principal.tenant), (self.user, principal.user))
+        )
+
+
+class ClassifierConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    escalation: list[str] = Field(default_factory=lambda: list(ESCALATION_EXAMPLES), min_length=1)
+    routine: list[str] = Field(default_factory=lambda: list(ROUTINE_EXAMPLES), min_length=1)
+    # Each side scores the mean similarity of its `k` nearest examples; the message
+    # escalates when the escalation side wins by at least `margin`.
+    k: int = Field(3, ge=1)
+    margin: float = Field(0.02, ge=-1, le=1)
+
+
+class RoutingConfig(BaseModel):
+    """`routing:` in the settings file (or ENCLAVE_ROUTING as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field("auto", min_length=1)
+    # Tier name → model profile, cheapest first.
+    tiers: dict[str, str] = Field(min_length=1)
+    # Default: the first tier. Escalations: the last.
+    default_tier: str | None = None
+    escalation_tier: str | None = None
+    # Tier → the tiers tried in order when it is down; default: the others, nearest first.
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    key_rules: list[KeyRule] = Field(default_factory=list)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    # Conversation signals.
+    escalate_on_failed_tool_call: bool = True
+    sticky_escalation: bool = True
+
+    @model_validator(mode="after")
+    def _known_tiers(self) -> RoutingConfig:
+        names = list(self.tiers)
+        self.default_tier = self.default_tier or names[0]
+        self.escalation_tier = self.escalation_tier or names[-1]
+        named = [self.default_tier, self.escalation_tier, *self.fallbacks, *(t for f in self.fallbacks.values() for t in f), *(r.tier for r in self.key_rules)]
+        unknown = sorted({t for t in named if t not in self.tiers})
+        if unknown:
+            raise ValueError(f"unknown tier(s) {', '.join(unknown)}; tiers are {', '.join(names)}")
+        return self
+
+    def fallback_order(self, tier: str) -> list[str]:
+        if tier in self.fallbacks:
+            return self.fallbacks[tier]
+        names = list(self.tiers)
+        at = names.index(tier)
+        return sorted((n for n in names if n != tier), key=lambda n: (abs(names.index(n) - at), names.index(n)))
+
+
+class Serving(Protocol):
+    """What the router needs of a tier's serving: its model and whether it can serve."""
+
+    model: str
+
+    def available(self) -> bool: ...
+
+
+@dataclass
+class Decision:
+    alias: str
+    tier: str
+    model: str
+    reason: str
+    fallback_from: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"alias": self.alias, "tier": self.tier, "model": self.model, "reason": self.reason}
+        if self.fallback_from is not None:
+            out["fallback_from"] = self.fallback_from
+        if self.scores:
+            out["scores"] = self.scores
+        return out
+
+    def headers(self) -> dict[str, str]:
+        return {"x-enclave-model": self.model, "x-enclave-route": self.reason}
+
+    def trace_attributes(self) -> dict[str, Any]:
+        return {
+            "enclave__route__alias": self.alias,
+            "enclave__route__tier": self.tier,
+            "enclave__route__model": self.model,
+            "enclave__route__reason": self.reason,
+            "enclave__route__fallback_from": self.fallback_from,
+        }
+
+
+@dataclass
+class RouteRequest:
+    """What a turn tells the router: the latest user text and where it continues from."""
+
+    text: str
+    conversation: str | None = None  # the client's conversation name
+    previous_response_id: str | None = None
+    failed_tool_result: bool = False
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def has_failed_tool_result(messages: list[dict[str, Any]]) -> bool:
+    """A tool result in the request that reports an error (`{"error": …}` or `error: …`)."""
+    for message in messages:
+        if message.get("role") != "tool":
+            continue
+        text = _text(message.get("content")).strip()
+        if text.lower().startswith("error"):
+            return True
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and value.get("error"):
+            return True
+    return False
+
+
+class EscalationClassifier:
+    """Nearest examples under the embedding model: a few milliseconds on a CPU."""
+
+    def __init__(self, config: ClassifierConfig, embedder: Any):
+        self.config = config
+        self.embedder = embedder
+        self._examples: tuple[np.ndarray, np.ndarray] | None = None
+        self._lock = asyncio.Lock()
+
+    async def _example_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        async with self._lock:
+            if self._examples is None:
+                vectors = await self.embedder.embed([*self.config.escalation, *self.config.routine])
+                n = len(self.config.escalation)
+                self._examples = (vectors[:n], vectors[n:])
+        return self._examples
+
+    async def scores(self, text: str) -> tuple[float, float]:
+        escalation, routine = await self._example_vectors()
+        message = (await self.embedder.embed([text]))[0]
+
+        def side(examples: np.ndarray) -> float:
+            sims = np.sort(examples @ message)[::-1][: self.config.k]
+            return float(sims.mean())
+
+        return side(escalation), side(routine)
+
+
+class Router:
+    def __init__(self, config: RoutingConfig, servings: dict[str, Serving], embedder: Any, db: Database | None):
+        missing = sorted(m for m in config.tiers.values() if m not in servings)
+        if missing:
+            raise ValueError(f"routing names models that are not loaded: {', '.join(missing)}")
+        self.config = config
+        self.servings = servings
+        self.db = db
+        self.classifier = EscalationClassifier(config.classifier, embedder) if config.classifier.enabled and embedder is not None else None
+
+    @property
+    def alias(self) -> str:
+        return self.config.alias
+
+    def serving(self, tier: str) -> Serving:
+        return self.servings[self.config.tiers[tier]]
+
+    async def route(self, principal: Principal, request: RouteRequest) -> tuple[Serving, Decision]:
+        tier, reason, scores = await self._choose(principal, request)
+        chosen, fallback_from = tier, None
+        if not self.serving(tier).available():
+            for other in self.config.fallback_order(tier):
+                if self.serving(other).available():
+                    chosen, fallback_from = other, tier
+                    reason = f"{reason}; fallback: {tier} unavailable"
+                    break
+        decision = Decision(self.alias, chosen, self.config.tiers[chosen], reason, fallback_from, scores)
+        return self.serving(chosen), decision
+
+    async def _choose(self, principal: Principal, request: RouteRequest) -> tuple[str, str, dict[str, float]]:
+        config = self.config
+        for rule in config.key_rules:
+            if rule.matches(principal):
+                return rule.tier, "key_rule", {}
+        escalate = config.escalation_tier
+        assert escalate is not None and config.default_tier is not None
+        if config.escalate_on_failed_tool_call and request.failed_tool_result:
+            return escalate, "failed_tool_call", {}
+        if request.conversation or request.previous_response_id:
+            signal = await asyncio.to_thread(self._conversation_signal, principal, request)
+            if signal is not None:
+                return escalate, signal, {}
+        if self.classifier is not None and request.text.strip():
+            up, routine = await self.classifier.scores(request.text)
+            scores = {"escalation": round(up, 4), "routine": round(routine, 4)}
+            if up - routine >= config.classifier.margin:
+                return escalate, "classifier", scores
+            return config.default_tier, "default", scores
+        return config.default_tier, "default", {}
+
+    def _conversation_signal(self, principal: Principal, request: RouteRequest) -> str | None:
+        """What the conversation's previous turn says: it was escalated, or a tool failed."""
+        if self.db is None:
+            return None
+        with self.db.connect() as conn:
+            if request.previous_response_id:
+                conversation_id = conn.execute(
+                    select(turns.c.conversation_id).where(turns.c.id == request.previous_response_id, turns.c.tenant == principal.tenant, turns.c.user == principal.user)
+                ).scalar()
+            else:
+                # A client's name for it (chat completions) or its id (the Responses API).
+                named = or_(conversations.c.name == request.conversation, conversations.c.id == request.conversation)
+                conversation_id = conn.execute(
+                    select(conversations.c.id).where(conversations.c.tenant == principal.tenant, conversations.c.user == principal.user, named).limit(1)
+                ).scalar()
+            if conversation_id is None:
+                return None
+            last = conn.execute(
+                select(usage_records.c.request_id, usage_records.c.model)
+                .where(usage_records.c.conversation_id == conversation_id)
+                .order_by(usage_records.c.at.desc())
+                .limit(1)
+            ).first()
+            if last is None:
+                return None
+            escalated_model = self.config.tiers[self.config.escalation_tier or ""]
+            if self.config.sticky_escalation and last.model == escalated_model and self.config.default_tier != self.config.escalation_tier:
+                return "escalated_conversation"
+            if self.config.escalate_on_failed_tool_call:
+                failed = conn.execute(
+                    select(tool_audit.c.id).where(tool_audit.c.request_id == last.request_id, tool_audit.c.status.in_(FAILED_TOOL)).limit(1)
+                ).first()
+                if failed is not None:
+                    return "failed_tool_call"
+        return None
