@@ -6,6 +6,10 @@ each in turn, alternating the order every round so drift on a shared machine hit
 equally, and the ratios ours/vLLM are printed for output throughput and median TTFT.
 
     python scripts/bench.py [--concurrency 1 8] [--rounds 2] [--input-len 256 --output-len 128]
+
+With --remote, Enclave runs no engine of its own: it generates on that same vLLM server
+through the remote engine, so the ratios are what the extra hop (and our pipeline) cost
+a deployment whose model servers are a fleet.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -71,6 +76,12 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (Linux /proc), children not included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_benchmark(base_url: str, served: str, checkpoint: Path, concurrency: int, prompts: int, input_len: int, output_len: int, seed: int) -> dict:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -97,6 +108,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-stream", type=int, default=4, help="prompts = concurrency x this (at least 8)")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--remote", action="store_true", help="Enclave generates on the vLLM server (remote engine) instead of in-process")
+    parser.add_argument("--no-rails", action="store_true", help="Enclave without guardrails: the engine path alone (scripts/bench_guard.py measures the rails)")
     opts = parser.parse_args()
 
     settings = load_settings(**({"model": opts.model} if opts.model else {}))
@@ -108,27 +121,42 @@ def main() -> None:
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(ports["vllm"]),
                 *api_server_flags(engine_arguments(profile, checkpoint))]
     ours_cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(ports["ours"]), "--data-dir", str(work / "data")]
-    procs = {
-        "vllm": start(vllm_cmd, env, work / "vllm.log"),
-        "ours": start(ours_cmd, {**env, "PYTHONPATH": str(ROOT)}, work / "ours.log"),
-    }
+    ours_env = {**env, "PYTHONPATH": str(ROOT)}
+    if opts.no_rails:
+        ours_env["ENCLAVE_RAILS"] = "false"
+    if opts.remote:
+        ours_env["ENCLAVE_UPSTREAMS"] = json.dumps([f"http://127.0.0.1:{ports['vllm']}/v1"])
+    procs = {"vllm": start(vllm_cmd, env, work / "vllm.log")}
     try:
+        # Started one after the other: the remote engine asks the upstream its context length.
         wait_ready(f"http://127.0.0.1:{ports['vllm']}/health", procs["vllm"], work / "vllm.log")
+        procs["ours"] = start(ours_cmd, ours_env, work / "ours.log")
         wait_ready(f"http://127.0.0.1:{ports['ours']}/ready", procs["ours"], work / "ours.log")
+        # One unrecorded pass each: first requests pay for lazy set-up (rails, caches).
+        for name in ("vllm", "ours"):
+            run_benchmark(f"http://127.0.0.1:{ports[name]}", profile.name, checkpoint, max(opts.concurrency), 8, opts.input_len, opts.output_len, seed=1000 + (name == "ours"))
         results: dict[tuple[str, int], list[dict]] = {}
+        cpu_before, requests = cpu_seconds(procs["ours"].pid), 0
         for rnd in range(opts.rounds):
             for c in opts.concurrency:
                 order = ["vllm", "ours"] if rnd % 2 == 0 else ["ours", "vllm"]
                 for name in order:
+                    # Fresh prompts for each server: with --remote both reach the same vLLM,
+                    # whose prefix cache would otherwise favour whoever goes second.
+                    seed = 2 * rnd + (name == "ours")
                     r = run_benchmark(f"http://127.0.0.1:{ports[name]}", profile.name, checkpoint, c,
-                                      max(8, c * opts.prompts_per_stream), opts.input_len, opts.output_len, seed=rnd)
+                                      max(8, c * opts.prompts_per_stream), opts.input_len, opts.output_len, seed=seed)
                     results.setdefault((name, c), []).append(r)
+                    requests += r["completed"] if name == "ours" else 0
                     print(f"round {rnd} c={c} {name}: {r['output_throughput']:.1f} tok/s, median TTFT {r['median_ttft_ms']:.0f} ms, failed {r.get('failed', 0)}", flush=True)
+        # The server process alone (an in-process engine's core runs in a child process).
+        cpu_per_request = (cpu_seconds(procs["ours"].pid) - cpu_before) / max(requests, 1)
     finally:
         for proc in procs.values():
             stop(proc)
 
-    print(f"\nmodel {profile.name}, input {opts.input_len} / output {opts.output_len} tokens, {opts.rounds} alternating rounds")
+    mode = (" (Enclave on the remote engine)" if opts.remote else "") + (" (rails off)" if opts.no_rails else "")
+    print(f"\nmodel {profile.name}{mode}, input {opts.input_len} / output {opts.output_len} tokens, {opts.rounds} alternating rounds")
     print(f"{'conc':>4}  {'vLLM tok/s':>10}  {'ours tok/s':>10}  {'ratio':>6}  {'vLLM TTFT':>9}  {'ours TTFT':>9}  {'ratio':>6}")
     for c in opts.concurrency:
         tp = {n: statistics.mean(r["output_throughput"] for r in results[(n, c)]) for n in ("vllm", "ours")}
@@ -136,6 +164,7 @@ def main() -> None:
         print(f"{c:>4}  {tp['vllm']:>10.1f}  {tp['ours']:>10.1f}  {tp['ours'] / tp['vllm']:>6.3f}  "
               f"{ttft['vllm']:>7.0f}ms  {ttft['ours']:>7.0f}ms  {ttft['ours'] / ttft['vllm']:>6.3f}")
     print("targets: throughput ratio >= 0.95, median-TTFT ratio <= 1.10")
+    print(f"Enclave server process CPU per request: {cpu_per_request * 1000:.1f} ms over {requests} requests")
 
 
 if __name__ == "__main__":

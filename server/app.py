@@ -132,7 +132,7 @@ class Runtime:
 
     def attach(self, engine: Engine, embedder: Embedder | None, others: list[tuple[ModelProfile, Engine]] | None = None) -> None:
         self.embedder = embedder
-        primary = self._serving(self.profile, engine, self.served_names)
+        primary = self._serving(self.profile, engine, self.served_names, self.settings.cost_per_hour)
         engine = primary.engine
         self.accounting = primary.accounting
         self._engine = engine
@@ -146,7 +146,7 @@ class Runtime:
                 self.memory.guard = self.guard
             if self.executor is not None:
                 self.executor.guard = self.guard
-        servings = [primary, *(self._serving(profile, other, profile.served_names) for profile, other in others or [])]
+        servings = [primary, *(self._serving(profile, other, profile.served_names, None) for profile, other in others or [])]
         self.servings = {s.model: s for s in servings}
         if self.settings.routing is not None:
             self.router = Router(self.settings.routing, self.servings, embedder, self.db)  # type: ignore[arg-type]
@@ -160,13 +160,15 @@ class Runtime:
         self.chat = primary
         self.metrics.ready.set(1 if self.ready else 0)
 
-    def _serving(self, profile: ModelProfile | None, engine: Engine, served_names: list[str]) -> ChatServing:
-        # Every generation (turns, summaries, self-checks) is timed, charged and traced.
+    def _serving(self, profile: ModelProfile | None, engine: Engine, served_names: list[str], price_override: float | None) -> ChatServing:
+        """One model's serving: every generation on it (turns, summaries, self-checks) is
+        timed, traced and charged at its price (ENCLAVE_COST_PER_HOUR overrides only the
+        served model's, as ENCLAVE_UPSTREAMS does its upstreams)."""
         clock = EngineClock()
         metered = MeteredEngine(engine, clock)
         accounting = None
         if self.db is not None:
-            price = self.settings.cost_per_hour if self.settings.cost_per_hour is not None else (profile.cost_per_hour if profile else 0.0)
+            price = price_override if price_override is not None else (profile.cost_per_hour if profile else 0.0)
             pace = profile.seconds_per_token if profile else DEFAULT_SECONDS_PER_TOKEN
             accounting = Accounting(self.db, price, pace)
         self.metrics.watch_clock(metered.served_model, lambda: clock.busy_seconds)

@@ -6,11 +6,15 @@ import asyncio
 import base64
 import importlib.util
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from server.errors import ConfigError, InvalidRequestError
+
+
+RECENT_TEXTS = 256
 
 
 def packaged_model_dir() -> Path:
@@ -36,6 +40,9 @@ class Embedder:
         # One encode at a time: the model is small and batches internally; parallel
         # calls would only fight the engine for the same cores.
         self._lock = asyncio.Lock()
+        # One turn embeds its user message up to three times (the router, the topic rail,
+        # memory recall): recent single texts are kept, so it is computed once.
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def texts_from_input(self, raw: str | list) -> list[str]:
         """Normalise OpenAI's four input shapes (text, texts, token ids, lists of ids)."""
@@ -63,6 +70,19 @@ class Embedder:
     async def embed(self, texts: list[str]) -> np.ndarray:
         async with self._lock:
             return await asyncio.to_thread(self._model.encode, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+    async def embed_one(self, text: str) -> np.ndarray:
+        """One text's normalised vector, from the recent ones when it was just embedded."""
+        found = self._recent.get(text)
+        if found is not None:
+            self._recent.move_to_end(text)
+            return found
+        vector = (await self.embed([text]))[0]
+        vector.setflags(write=False)  # shared between callers
+        self._recent[text] = vector
+        if len(self._recent) > RECENT_TEXTS:
+            self._recent.popitem(last=False)
+        return vector
 
 
 def encode_base64(vector: np.ndarray) -> str:

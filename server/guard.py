@@ -73,7 +73,6 @@ class RailServices:
         self.embedder: Any = None
         self.engine: Any = None
         self._topic_vectors: dict[tuple[str, ...], np.ndarray] = {}
-        self._last_text: dict[str, np.ndarray] = {}  # a second lookup for the same text
 
     async def topic_similarity(self, text: str, topics: list[str]) -> float:
         if self.embedder is None:  # no model to judge with (an app built without one)
@@ -84,10 +83,7 @@ class RailServices:
             if len(self._topic_vectors) >= 256:  # callers' tool lists vary; keep it bounded
                 self._topic_vectors.clear()
             self._topic_vectors[tuple(topics)] = vectors
-        vec = self._last_text.get(text)
-        if vec is None:
-            vec = (await self.embedder.embed([text]))[0]
-            self._last_text = {text: vec}
+        vec = await self.embedder.embed_one(text)
         return float(np.max(vectors @ vec))
 
     async def ask_model(self, prompt: str, max_tokens: int) -> str:

@@ -238,7 +238,7 @@ class EscalationClassifier:
 
     async def scores(self, text: str) -> tuple[float, float]:
         escalation, routine = await self._example_vectors()
-        message = (await self.embedder.embed([text]))[0]
+        message = await self.embedder.embed_one(text)  # the topic rail reuses it
 
         def side(examples: np.ndarray) -> float:
             sims = np.sort(examples @ message)[::-1][: self.config.k]

@@ -125,7 +125,7 @@ class EpisodicMemory:
     async def recall(self, tenant: str, user: str, query: str, exclude_conversation: str | None = None) -> list[Memory]:
         if self.embedder is None or not query.strip() or self.recall_k == 0:
             return []
-        vector = (await self.embedder.embed([query]))[0]
+        vector = await self.embedder.embed_one(query)
         owner = owner_tag(tenant, user)
         where: dict[str, Any] = {"owner": owner}
         if exclude_conversation:

@@ -331,7 +331,7 @@ class KnowledgeBase:
         await asyncio.to_thread(self.check_stores, principal, store_ids, param)
         if not query.strip():
             raise InvalidRequestError("the search query is empty", param="query")
-        vector = (await self._require_embedder().embed([query]))[0]
+        vector = await self._require_embedder().embed_one(query)
         return await asyncio.to_thread(self._query, principal.tenant, store_ids, vector, k)
 
     def _query(self, tenant: str, store_ids: list[str], vector: Any, k: int) -> list[Hit]:
