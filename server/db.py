@@ -33,7 +33,8 @@ tool_audit = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False, index=True),
-    Column("request_id", String(64)),
+    # Indexed for the router, which asks whether a conversation's last turn had a failed call.
+    Column("request_id", String(64), index=True),
     Column("tenant", String(128)),
     Column("user", String(128)),
     Column("key_id", String(64)),
