@@ -4,6 +4,8 @@ SQLite, fallback when a tier is down. The e2e routing test runs it on real engin
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -37,9 +39,10 @@ def routed(tmp_path, embedder):
     plain, _ = keys.create("acme", "ann", ["chat", "traces", "models"])
     vip, vip_record = keys.create("acme", "victor", ["chat", "traces"])
     routing = {"tiers": {"small": "tier-small", "large": "tier-large"}, "key_rules": [{"key_id": vip_record["id"], "tier": "large"}]}
-    settings = load_settings(data_dir=tmp_path, rails=False, routing=routing)
-    small = ScriptedEngine(served_model="tier-small", max_model_len=400)
-    large = ScriptedEngine(served_model="tier-large", max_model_len=300)
+    # The served model's price is overridden ($3600/h); the large tier keeps its profile's ($36/h).
+    settings = load_settings(data_dir=tmp_path, rails=False, routing=routing, cost_per_hour=3600.0)
+    small = ScriptedEngine(served_model="tier-small", max_model_len=400, token_delay=0.002)
+    large = ScriptedEngine(served_model="tier-large", max_model_len=300, token_delay=0.002)
     app = create_app(settings, engine=small, embedder=embedder, others=[(_profile("tier-large", "large", 36.0), large)])
     with TestClient(app) as client:
         yield client, small, large, {"plain": plain, "vip": vip}
@@ -78,6 +81,21 @@ def test_an_escalation_goes_to_the_large_tier_and_the_trace_says_why(routed):
     root = spans["invoke_agent enclave"]["attributes"]
     assert root["gen_ai.request.model"] == "auto" and root["gen_ai.response.model"] == "tier-large" and root["enclave.route.tier"] == "large"
     assert "chat tier-large" in spans
+
+
+def test_each_tier_is_costed_at_its_own_price_and_a_stream_says_where_it_went(routed):
+    client, small, large, keys = routed
+    small.queue("On its way to you.")
+    large.queue("A manager will call you today.")
+    for text, price in ((ROUTINE, 3600.0), (ANGRY, 36.0)):
+        cost = _ask(client, keys["plain"], text).json()["cost"]
+        assert cost["engine_seconds"] > 0 and cost["usd"] == pytest.approx(cost["engine_seconds"] * price / 3600, rel=1e-3)
+    small.queue("Soon.")
+    body = {"model": "auto", "messages": [{"role": "user", "content": ROUTINE}], "max_tokens": 8, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys['plain']}"}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.headers["x-enclave-model"] == "tier-small"
+    assert {c["model"] for c in chunks} == {"tier-small"} and any(c.get("routing", {}).get("tier") == "small" for c in chunks)
 
 
 def test_a_key_rule_wins_over_the_classifier(routed):
