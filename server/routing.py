@@ -5,8 +5,9 @@ under the alias goes, in order of precedence, to:
 
 1. the tier an explicit rule names for its key, tenant or user (`key_rule`);
 2. the escalation tier when the conversation says so: its previous turn was already
-   served there (`escalated_conversation`: an escalation sticks) or ran a tool call that
-   failed (`failed_tool_call`), or the request carries a failed tool result;
+   served there (`escalated_conversation`: an escalation sticks), called an escalation
+   tool such as a hand-off to a person (`escalation_tool`) or ran a tool call that failed
+   (`failed_tool_call`); or the request carries a failed tool result;
 3. the escalation tier when a fast classifier on the user's message, nearest examples
    under the local embedding model, finds it an escalation (`classifier`);
 4. the default tier otherwise (`default`).
@@ -119,6 +120,8 @@ class RoutingConfig(BaseModel):
     # Conversation signals.
     escalate_on_failed_tool_call: bool = True
     sticky_escalation: bool = True
+    # Tools whose call is itself an escalation (the support pack's hand-off to a person).
+    escalation_tools: list[str] = Field(default_factory=lambda: ["handoff_to_agent"])
 
     @model_validator(mode="after")
     def _known_tiers(self) -> RoutingConfig:
@@ -298,7 +301,8 @@ class Router:
         return config.default_tier, "default", {}
 
     def _conversation_signal(self, principal: Principal, request: RouteRequest) -> str | None:
-        """What the conversation's previous turn says: it was escalated, or a tool failed."""
+        """What the conversation's previous turn says: it was escalated, it called an
+        escalation tool, or one of its tool calls failed."""
         if self.db is None:
             return None
         with self.db.connect() as conn:
@@ -325,10 +329,9 @@ class Router:
             escalated_model = self.config.tiers[self.config.escalation_tier or ""]
             if self.config.sticky_escalation and last.model == escalated_model and self.config.default_tier != self.config.escalation_tier:
                 return "escalated_conversation"
-            if self.config.escalate_on_failed_tool_call:
-                failed = conn.execute(
-                    select(tool_audit.c.id).where(tool_audit.c.request_id == last.request_id, tool_audit.c.status.in_(FAILED_TOOL)).limit(1)
-                ).first()
-                if failed is not None:
-                    return "failed_tool_call"
+            calls = conn.execute(select(tool_audit.c.tool, tool_audit.c.status).where(tool_audit.c.request_id == last.request_id)).all()
+            if any(call.tool in self.config.escalation_tools for call in calls):
+                return "escalation_tool"
+            if self.config.escalate_on_failed_tool_call and any(call.status in FAILED_TOOL for call in calls):
+                return "failed_tool_call"
         return None

@@ -4,20 +4,30 @@ SQLite, fallback when a tier is down. The e2e routing test runs it on real engin
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import insert
 
 from server.app import create_app
-from server.auth import KeyStore
+from server.auth import KeyStore, Principal
 from server.config import load_settings
+from server.db import connect, conversations, sqlite_url, tool_audit, usage_records
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.scripted import ScriptedEngine
 from server.errors import ConfigError
 from server.profiles import ModelProfile
-from server.routing import RoutingConfig, has_failed_tool_result, last_user_text
+from server.routing import (
+    Decision,
+    Router,
+    RouteRequest,
+    RoutingConfig,
+    has_failed_tool_result,
+    last_user_text,
+)
 
 ROUTINE = "Where is my parcel?"
 ANGRY = "This is the third time I am writing. I want to speak to a manager and file a formal complaint."
@@ -178,3 +188,45 @@ def test_signals_from_messages():
     assert has_failed_tool_result([{"role": "tool", "content": "Error: no such order"}])
     assert has_failed_tool_result([{"role": "tool", "content": '{"error": "x"}'}])
     assert not has_failed_tool_result([{"role": "tool", "content": '{"status": "shipped"}'}])
+
+
+class _Tier:
+    def __init__(self, model: str):
+        self.model = model
+        self.up = True
+
+    def available(self) -> bool:
+        return self.up
+
+
+def test_conversation_signals_are_read_from_the_shared_database(tmp_path):
+    db = connect(sqlite_url(tmp_path / "enclave.db"))
+    tiers = {"tier-small": _Tier("tier-small"), "tier-large": _Tier("tier-large")}
+    router = Router(RoutingConfig(tiers={"small": "tier-small", "large": "tier-large"}), tiers, None, db)  # type: ignore[arg-type]
+    ann = Principal(tenant="acme", user="ann", scopes=("*",))
+    usage = {"tenant": "acme", "user": "ann", "conversation_id": "conv_1", "prompt_tokens": 1, "completion_tokens": 1, "engine_seconds": 0.0, "cost_usd": 0.0, "duration_s": 0.0}
+    with db.begin() as conn:
+        conn.execute(insert(conversations).values(id="conv_1", tenant="acme", user="ann", name="case-9", created_at=1.0))
+        conn.execute(insert(usage_records).values(request_id="r1", at=1.0, model="tier-small", **usage))
+        conn.execute(insert(tool_audit).values(at=1.0, request_id="r1", tool="handoff_to_agent", status="ok"))
+
+    def route(principal: Principal = ann, conversation: str = "case-9") -> Decision:
+        return asyncio.run(router.route(principal, RouteRequest("Thanks.", conversation)))[1]
+
+    assert (route().tier, route().reason) == ("large", "escalation_tool")
+    # The next turn, served small, ran a lookup that failed: still an escalation.
+    with db.begin() as conn:
+        conn.execute(insert(usage_records).values(request_id="r2", at=2.0, model="tier-small", **usage))
+        conn.execute(insert(tool_audit).values(at=2.0, request_id="r2", tool="lookup_ticket", status="error"))
+    assert route().reason == "failed_tool_call"
+    # A turn on the large tier makes the escalation stick; by its id the same.
+    with db.begin() as conn:
+        conn.execute(insert(usage_records).values(request_id="r3", at=3.0, model="tier-large", **usage))
+    assert route().reason == "escalated_conversation" and route(conversation="conv_1").reason == "escalated_conversation"
+    # Another user's conversation of the same name says nothing about this one.
+    assert route(Principal(tenant="acme", user="bob", scopes=("*",))).reason == "default"
+    # No classifier without an embedding model: the default tier, unless it is down.
+    assert route(conversation="new").tier == "small"
+    tiers["tier-small"].up = False
+    assert route(conversation="new").reason == "default; fallback: small unavailable"
+    db.dispose()
