@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
 from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
+from server.errors import ServiceUnavailableError
 
 _WORD = re.compile(r"\s*\S+|\s+")
 
@@ -32,6 +33,9 @@ class ScriptedEngine:
         self.max_model_len = max_model_len
         self.token_delay = token_delay
         self.up = True  # what available() says: a test takes the engine "down"
+        # The next generate fails as a remote engine whose upstreams all refuse does (and
+        # marks it down); for tests of what callers do about an outage.
+        self.outage = False
         self.replies: deque[str] = deque(replies)
         self.calls: list[ScriptedCall] = []
         self.aborted: set[str] = set()
@@ -55,6 +59,9 @@ class ScriptedEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         self.calls.append(ScriptedCall(request_id, list(prompt_token_ids), params))
+        if self.outage:
+            self.outage, self.up = False, False
+            raise ServiceUnavailableError("no model server is available right now; retry shortly", code="upstream_unavailable")
         replies = [self.replies.popleft() if self.replies else "ok" for _ in range(params.n)]
         self._running.add(request_id)
         try:

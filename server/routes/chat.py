@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.auth import Principal, require_scope
-from server.errors import EnclaveError
+from server.errors import EnclaveError, ServiceUnavailableError
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from server.routing import (
     Decision,
@@ -44,21 +45,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     started = time.perf_counter()
     runtime = request.app.state.runtime
     said = [{"role": m.role, "content": m.content} for m in body.messages]
-    serving, routed = await route_turn(runtime, body.model, principal, RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said)))
-    if routed is not None:
-        body = body.model_copy(update={"model": routed.decision.model})
+    route = RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said))
 
-    async def prepare() -> Turn:
-        ctx = await runtime.memory.for_chat(body, principal) if runtime.memory is not None else None
-        return await serving.prepare_stateful(body, started, principal, ctx) if ctx is not None else await serving.prepare(body, started, principal)
+    async def attempt(serving: ChatServing, routed: Routed | None) -> Response:
+        asked = body.model_copy(update={"model": routed.decision.model}) if routed is not None else body
 
-    max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    turn = await begin_turn(serving, request, principal, "chat.completions", body.model, max_new, runs_server_tools(body.tools), prepare, routed)
-    headers = turn_headers(turn)
-    if body.stream:
-        events = await serving.open_stream(turn)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    return await complete_unless_disconnected(request, serving.complete(turn), headers)
+        async def prepare() -> Turn:
+            ctx = await runtime.memory.for_chat(asked, principal) if runtime.memory is not None else None
+            return await serving.prepare_stateful(asked, started, principal, ctx) if ctx is not None else await serving.prepare(asked, started, principal)
+
+        max_new = asked.max_completion_tokens if asked.max_completion_tokens is not None else asked.max_tokens
+        turn = await begin_turn(serving, request, principal, "chat.completions", asked.model, max_new, runs_server_tools(asked.tools), prepare, routed)
+        with untouched_on_unavailable(turn):
+            headers = turn_headers(turn)
+            if asked.stream:
+                events = await serving.open_stream(turn)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return await complete_unless_disconnected(request, serving.complete(turn), headers)
+
+    return await serve_routed(runtime, body.model, principal, route, attempt)
 
 
 @dataclass
@@ -80,6 +85,36 @@ async def route_turn(runtime: Any, model: str, principal: Principal, route: Rout
     start = time.time()
     serving, decision = await router.route(principal, route)
     return serving, Routed(decision, start, time.time())
+
+
+async def serve_routed(
+    runtime: Any, model: str, principal: Principal, route: RouteRequest, attempt: Callable[[ChatServing, Routed | None], Awaitable[Response]]
+) -> Response:
+    """Run a turn where the model or the router sends it. A routed turn whose tier turned
+    out to be down before anything of the turn ran (every upstream refused its first model
+    call; that marked them down) runs once more where the router now sends it, so clients
+    see the fallback rather than a 503 in the seconds before a health probe would."""
+    serving, routed = await route_turn(runtime, model, principal, route)
+    try:
+        return await attempt(serving, routed)
+    except ServiceUnavailableError as exc:
+        if routed is None or not getattr(exc, "nothing_ran", False):
+            raise
+        again, rerouted = await route_turn(runtime, model, principal, route)
+        if again is serving:
+            raise
+        return await attempt(again, rerouted)
+
+
+@contextmanager
+def untouched_on_unavailable(turn: Turn) -> Iterator[None]:
+    """Mark an upstream outage that struck before the turn ran any tool (or streamed
+    anything, since it was raised here): running the turn elsewhere repeats nothing."""
+    try:
+        yield
+    except ServiceUnavailableError as exc:
+        exc.nothing_ran = exc.code == "upstream_unavailable" and not turn.server_calls and turn.pending_action is None  # type: ignore[attr-defined]
+        raise
 
 
 def turn_headers(turn: Turn) -> dict[str, str]:
@@ -118,6 +153,9 @@ async def begin_turn(
         await serving.abandon(telemetry, principal, exc)
         if isinstance(exc, EnclaveError):
             exc.headers = telemetry.headers  # the error response names its trace too
+        if isinstance(exc, ServiceUnavailableError):
+            # Failing while preparing (a summary the engine could not write) runs nothing.
+            exc.nothing_ran = exc.code == "upstream_unavailable"  # type: ignore[attr-defined]
         raise
     turn = prepared[0] if isinstance(prepared, tuple) else prepared
     turn.telemetry = telemetry

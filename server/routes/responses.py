@@ -13,13 +13,16 @@ from server.auth import require_scope
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
 from server.routes.chat import (
+    Routed,
     begin_turn,
     complete_unless_disconnected,
-    route_turn,
     runs_server_tools,
+    serve_routed,
     turn_headers,
+    untouched_on_unavailable,
 )
 from server.routing import RouteRequest, has_failed_tool_result, last_user_text
+from server.turn import ChatServing
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -36,18 +39,21 @@ async def create_response(body: ResponsesRequest, request: Request, principal=De
     runtime = request.app.state.runtime
     said = _said(body)
     route = RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
-    chat, routed = await route_turn(runtime, body.model, principal, route)
-    if routed is not None:
-        body = body.model_copy(update={"model": routed.decision.model})
-    serving = ResponsesServing(chat)
-    turn, shape = await begin_turn(
-        chat, request, principal, "responses", body.model, body.max_output_tokens, runs_server_tools(body.tools), lambda: serving.prepare(body, started, principal), routed
-    )
-    headers = turn_headers(turn)
-    if body.stream:
-        events = await serving.open_stream(turn, shape)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    return await complete_unless_disconnected(request, serving.complete(turn, shape), headers)
+
+    async def attempt(chat: ChatServing, routed: Routed | None) -> Response:
+        asked = body.model_copy(update={"model": routed.decision.model}) if routed is not None else body
+        serving = ResponsesServing(chat)
+        turn, shape = await begin_turn(
+            chat, request, principal, "responses", asked.model, asked.max_output_tokens, runs_server_tools(asked.tools), lambda: serving.prepare(asked, started, principal), routed
+        )
+        with untouched_on_unavailable(turn):
+            headers = turn_headers(turn)
+            if asked.stream:
+                events = await serving.open_stream(turn, shape)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return await complete_unless_disconnected(request, serving.complete(turn, shape), headers)
+
+    return await serve_routed(runtime, body.model, principal, route, attempt)
 
 
 def _said(body: ResponsesRequest) -> list[dict[str, Any]]:

@@ -151,6 +151,30 @@ def test_a_tier_that_is_down_falls_back_and_the_response_says_so(routed):
     assert route["reason"] == "classifier; fallback: large unavailable"
 
 
+def test_a_tier_found_down_by_the_turn_itself_is_retried_on_the_fallback_unseen(routed):
+    client, small, large, keys = routed
+    auth = {"Authorization": f"Bearer {keys['plain']}"}
+    # The large tier looks up but its upstreams refuse the turn's first model call.
+    large.outage = True
+    small.queue("Sorry to hear that.", "We are on it.")
+    r = _ask(client, keys["plain"], ANGRY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tier-small" and body["routing"]["fallback_from"] == "large" and not large.up
+    assert r.headers["x-enclave-route"] == "classifier; fallback: large unavailable"
+    # Streaming: the same, before the first byte is sent.
+    large.up, large.outage = True, True
+    stream = {"model": "auto", "messages": [{"role": "user", "content": ANGRY}], "max_tokens": 8, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=stream, headers=auth) as s:
+        assert s.status_code == 200 and s.headers["x-enclave-model"] == "tier-small"
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "We are on it."
+    # A model asked for by name is not rerouted: its outage is the client's 503.
+    large.up, large.outage = True, True
+    named = client.post("/v1/chat/completions", json={"model": "tier-large", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, headers=auth)
+    assert named.status_code == 503 and named.json()["error"]["code"] == "upstream_unavailable"
+
+
 def test_models_list_the_alias_and_both_tiers_and_a_named_model_is_not_routed(routed):
     client, _small, large, keys = routed
     auth = {"Authorization": f"Bearer {keys['plain']}"}
