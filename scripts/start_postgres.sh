@@ -10,7 +10,8 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     apt-get install -y -qq postgresql >/dev/null
 fi
 version=$(ls /usr/lib/postgresql | sort -n | tail -1)
-if ! pg_lsclusters -h | awk '{print $1, $2}' | grep -qx "$version main"; then
+clusters=$(pg_lsclusters -h 2>/dev/null || true)
+if ! awk '{print $1, $2}' <<<"$clusters" | grep -qx "$version main"; then
     pg_createcluster "$version" main >/dev/null
 fi
 pg_ctlcluster "$version" main start 2>/dev/null || pg_ctlcluster "$version" main status >/dev/null
@@ -19,6 +20,6 @@ for _ in $(seq 30); do
     pg_isready -q -h 127.0.0.1 -p 5432 && break
     sleep 1
 done
-su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'enclave'\"" | grep -q 1 \
-    || su postgres -c "psql -qc \"CREATE ROLE enclave LOGIN CREATEDB PASSWORD 'enclave'\""
+role=$(su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'enclave'\"")
+[ "$role" = 1 ] || su postgres -c "psql -qc \"CREATE ROLE enclave LOGIN CREATEDB PASSWORD 'enclave'\""
 echo "PostgreSQL $version is up on 127.0.0.1:5432 (role enclave)"
