@@ -44,8 +44,10 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
-    said = [{"role": m.role, "content": m.content} for m in body.messages]
-    route = RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said))
+
+    def route() -> RouteRequest:
+        said = [{"role": m.role, "content": m.content} for m in body.messages]
+        return RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said))
 
     async def attempt(serving: ChatServing, routed: Routed | None) -> Response:
         asked = body.model_copy(update={"model": routed.decision.model}) if routed is not None else body
@@ -75,20 +77,21 @@ class Routed:
     end: float
 
 
-async def route_turn(runtime: Any, model: str, principal: Principal, route: RouteRequest) -> tuple[ChatServing, Routed | None]:
+async def route_turn(runtime: Any, model: str, principal: Principal, route: Callable[[], RouteRequest]) -> tuple[ChatServing, Routed | None]:
     """The serving for the model a request names; for the routing alias, the tier the
-    router picks (routing is only paid for by requests that ask for it)."""
+    router picks (routing, and reading the request for it, is only paid for by requests
+    that ask for it)."""
     router = runtime.router
     if router is None or model != router.alias:
         return runtime.select(model), None
     runtime.require_chat()
     start = time.time()
-    serving, decision = await router.route(principal, route)
+    serving, decision = await router.route(principal, route())
     return serving, Routed(decision, start, time.time())
 
 
 async def serve_routed(
-    runtime: Any, model: str, principal: Principal, route: RouteRequest, attempt: Callable[[ChatServing, Routed | None], Awaitable[Response]]
+    runtime: Any, model: str, principal: Principal, route: Callable[[], RouteRequest], attempt: Callable[[ChatServing, Routed | None], Awaitable[Response]]
 ) -> Response:
     """Run a turn where the model or the router sends it. A routed turn whose tier turned
     out to be down before anything of the turn ran (every upstream refused its first model

@@ -37,8 +37,10 @@ def _memory(request: Request):
 async def create_response(body: ResponsesRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
-    said = _said(body)
-    route = RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
+
+    def route() -> RouteRequest:
+        said = _said(body)
+        return RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
 
     async def attempt(chat: ChatServing, routed: Routed | None) -> Response:
         asked = body.model_copy(update={"model": routed.decision.model}) if routed is not None else body
