@@ -17,7 +17,9 @@ from typing import Any
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# Not inside an identifier: the hex of an action, call or response id ("act_4111…")
+# can hold a Luhn-valid run of digits, and masking it would break the reference.
+_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _SSN = re.compile(r"\b(\d{3})-(\d{2})-(\d{4})\b")
 # UK National Insurance number: two prefix letters (not D, F, I, Q, U, V; not O second),
 # six digits, suffix A–D.
