@@ -21,6 +21,15 @@ import openai
 import pytest
 
 READY_TIMEOUT_S = 300
+# The leak rail's canary opens every system prompt; a random one per server would give
+# SmolLM2 a different prompt, and so different answers, on every run. Pinned, a test
+# session's model turns are the same from run to run.
+CANARY = "enc-e2e-canary"
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment of an `enclave serve` under test: offline, with the pinned canary."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS_CANARY": CANARY, **extra}
 
 
 @dataclass
@@ -96,9 +105,8 @@ def live_server(tmp_path_factory) -> LiveServer:
     port = free_port()
     log_path = data_dir.parent / "server.log"
     env = {
-        **os.environ,
+        **server_env(),
         "ENCLAVE_DATA_DIR": str(data_dir),
-        "HF_HUB_OFFLINE": "1",
         "ENCLAVE_TOOL_PACKS": '["support", "tests.e2e.faulty_tools"]',
         "ENCLAVE_TOOL_OPTIONS": '{"support": {"refund_limit": 50}}',
         # The refund tests make more calls a minute than the pack's default limit allows.

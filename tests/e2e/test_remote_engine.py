@@ -4,14 +4,20 @@ as the upstream of an Enclave server that runs no engine of its own."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import LiveServer, create_key, free_port, start, stop
+from tests.e2e.conftest import (
+    LiveServer,
+    create_key,
+    free_port,
+    server_env,
+    start,
+    stop,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +30,7 @@ def fleet(tmp_path_factory, vllm_upstream):
     data.mkdir()
     key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
     port = free_port()
-    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "ENCLAVE_UPSTREAMS": json.dumps([vllm_upstream.url])}
+    env = server_env(ENCLAVE_DATA_DIR=str(data), ENCLAVE_UPSTREAMS=json.dumps([vllm_upstream.url]))
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key, "", data, work / "server.log", None, {}, port, env)  # type: ignore[arg-type]
     start(server)
     yield {"upstream": vllm_upstream, "server": server}

@@ -8,7 +8,6 @@ where none answers, this module is skipped with a message that says so."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import time
@@ -21,7 +20,14 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.e2e.conftest import LiveServer, create_key, free_port, start, stop
+from tests.e2e.conftest import (
+    LiveServer,
+    create_key,
+    free_port,
+    server_env,
+    start,
+    stop,
+)
 from tests.e2e.fleet import start_chroma, stop_process
 
 pytestmark = pytest.mark.e2e
@@ -48,8 +54,7 @@ def replicas(tmp_path_factory, postgres_admin, vllm_upstream):
         "operator": create_key(keys_dir, "--tenant", "acme", "--user", "ops", "--scope", "actions"),
     }
     common = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
+        **server_env(),
         "ENCLAVE_DATABASE_URL": database_url,
         "ENCLAVE_CHROMA_URL": f"http://127.0.0.1:{chroma_port}",
         "ENCLAVE_UPSTREAMS": json.dumps([vllm_upstream.url]),

@@ -5,7 +5,6 @@ large tier, and fallback when the large tier's route to its model server goes do
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
@@ -16,7 +15,14 @@ import yaml
 from server.checkpoints import checkpoint_dir
 from server.config import load_settings
 from server.profiles import find_profile
-from tests.e2e.conftest import LiveServer, create_key, free_port, start, stop
+from tests.e2e.conftest import (
+    LiveServer,
+    create_key,
+    free_port,
+    server_env,
+    start,
+    stop,
+)
 from tests.e2e.fleet import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -54,8 +60,7 @@ def tiers(tmp_path_factory, vllm_upstream):
     key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
     port = free_port()
     env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
+        **server_env(),
         "ENCLAVE_DATA_DIR": str(data),
         "ENCLAVE_PROFILES_DIR": str(profiles),
         "ENCLAVE_MODEL": "support-small",
