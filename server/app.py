@@ -303,7 +303,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def build_memory(settings: Settings, db, embedder: Embedder | None) -> MemoryServices:
     """Conversations (SQL) and vectors (Chroma) open before binding, like the database:
     an unreachable Chroma server stops start-up with the setting to fix."""
-    vectors = VectorStore.open(settings.data_dir, settings.chroma_url)
+    vectors = VectorStore.open(settings.data_dir, settings.chroma_url, settings.chroma_token)
     return MemoryServices(
         ConversationStore(db),
         EpisodicMemory(db, vectors, embedder, settings.memory_recall_k),

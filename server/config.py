@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     action_ttl_s: float = Field(900.0, gt=0)
     # Chroma server (http://host:port) shared by replicas; empty: embedded, in <data_dir>/chroma.
     chroma_url: str | None = None
+    # Sent as `Authorization: Bearer …` on every request to that server, for the proxy or
+    # gateway that guards it (Chroma's own 1.x server checks no credentials).
+    chroma_token: str | None = Field(None, min_length=1)
     # Tokens kept free for the answer when a stateful request names no maximum.
     context_output_reserve: int = Field(512, ge=16)
     # Length cap of the running summary of older turns.

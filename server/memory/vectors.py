@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
+
 from server.errors import ConfigError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,18 @@ def collection_name(kind: str, tenant: str) -> str:
     return f"{kind}-{hashlib.sha256(tenant.encode()).hexdigest()[:24]}"
 
 
+def _check_access(base: str, url: str, headers: dict[str, str] | None) -> None:
+    """Ask the endpoint the Chroma client itself calls first, to tell a gateway's refusal
+    (401/403, which the client reports as a bare ValueError) from an unreachable server."""
+    try:
+        status = httpx.get(f"{base}/api/v2/auth/identity", headers=headers, timeout=10).status_code
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"cannot reach the Chroma server at ENCLAVE_CHROMA_URL={url}: {exc}") from None
+    if status in (401, 403):
+        which = "refused ENCLAVE_CHROMA_TOKEN" if headers else "asks for credentials: set ENCLAVE_CHROMA_TOKEN"
+        raise ConfigError(f"the Chroma server at ENCLAVE_CHROMA_URL={url} {which} (HTTP {status})")
+
+
 class VectorStore:
     """A thin wrapper that caches collections and turns Chroma failures into our errors."""
 
@@ -33,20 +47,26 @@ class VectorStore:
         self._collections: dict[str, Any] = {}
 
     @classmethod
-    def open(cls, data_dir: Path, url: str | None = None) -> VectorStore:
+    def open(cls, data_dir: Path, url: str | None = None, token: str | None = None) -> VectorStore:
         import chromadb
         from chromadb.config import Settings as ChromaSettings
 
         chroma_settings = ChromaSettings(anonymized_telemetry=False)
+        if token and not url:
+            raise ConfigError("ENCLAVE_CHROMA_TOKEN is set but ENCLAVE_CHROMA_URL is not: the embedded Chroma takes no token")
         if url:
             parsed = urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise ConfigError(f"ENCLAVE_CHROMA_URL must look like http://host:port, not {url!r}")
+            port = parsed.port or (443 if parsed.scheme == "https" else 8000)
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            _check_access(f"{parsed.scheme}://{parsed.hostname}:{port}", url, headers)
             try:
                 client = chromadb.HttpClient(
                     host=parsed.hostname,
-                    port=parsed.port or (443 if parsed.scheme == "https" else 8000),
+                    port=port,
                     ssl=parsed.scheme == "https",
+                    headers=headers,
                     settings=chroma_settings,
                 )
                 client.heartbeat()

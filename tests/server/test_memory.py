@@ -13,8 +13,10 @@ from server.app import create_app
 from server.config import load_settings
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.scripted import ScriptedEngine
+from server.errors import ConfigError
 from server.memory.chunking import chunk_sections, extract_sections, split_sentences
 from server.memory.episodic import extract_facts
+from server.memory.vectors import VectorStore
 from server.memory.window import ContextWindow
 from tests.e2e.handbook import SHIPPING_HTML, WARRANTY_LINES, tiny_pdf
 
@@ -65,6 +67,18 @@ def test_html_and_pdf_become_sections():
 
 def test_facts_are_first_person_statements():
     assert extract_facts("Hi. My dog is called Biscuit. What time is it? I live in Ghent.") == ["My dog is called Biscuit.", "I live in Ghent."]
+
+
+# ---------------------------------------------------------------- the vector store
+
+
+def test_a_chroma_token_needs_a_chroma_server(tmp_path):
+    with pytest.raises(ConfigError, match="ENCLAVE_CHROMA_URL is not"):
+        VectorStore.open(tmp_path, None, "t0ken")
+    # Nothing listens on port 9 (discard): unreachable is told apart from refused.
+    with pytest.raises(ConfigError, match="cannot reach the Chroma server") as err:
+        VectorStore.open(tmp_path, "http://127.0.0.1:9", "t0ken")
+    assert "t0ken" not in str(err.value)
 
 
 # ---------------------------------------------------------------- the window
