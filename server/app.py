@@ -7,17 +7,20 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine as Database
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import KeyStore
+from server.auth import KeyStore, authorize
 from server.checkpoints import verify
 from server.config import Settings
 from server.db import connect
@@ -35,13 +38,16 @@ from server.guard import Guard, GuardAudit
 from server.memory.context import MemoryServices
 from server.memory.conversations import ConversationStore
 from server.memory.episodic import EpisodicMemory
+from server.memory.ingestion import IngestWorker, lease_owner
 from server.memory.knowledge import KnowledgeBase
+from server.memory.parsing import Limits
 from server.memory.vectors import VectorStore
 from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.profiles import ModelProfile, find_profile
 from server.routes import (
     actions,
     chat,
+    docs,
     embeddings,
     files,
     health,
@@ -53,6 +59,7 @@ from server.routes import (
     vector_stores,
 )
 from server.routing import Router
+from server.scopes import route_scope
 from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN, Accounting, EngineClock
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
@@ -98,6 +105,7 @@ class Runtime:
         self.tier_profiles: list[tuple[ModelProfile, Path]] = []
         self.servings: dict[str, ChatServing] = {}
         self.router: Router | None = None
+        self.ingest: IngestWorker | None = None
 
     @property
     def served_names(self) -> list[str]:
@@ -154,11 +162,35 @@ class Runtime:
                 watch = getattr(serving.engine, "watch_health", None)
                 if watch is not None:
                     watch()
-        self.metrics.watch_engine(
-            lambda: sum(s.engine.num_unfinished_requests() for s in servings), getattr(engine.inner, "scheduler_counts", None)
-        )
+
+        def generations() -> int:
+            return sum(s.engine.num_unfinished_requests() for s in servings)
+
+        self.metrics.watch_engine(generations, getattr(engine.inner, "scheduler_counts", None))
         self.chat = primary
+        if self.memory is not None and embedder is not None:
+            self.ingest = self._ingest_worker(embedder, generations)
+            self.memory.knowledge.ingest = self.ingest
+            self.ingest.start()
         self.metrics.ready.set(1 if self.ready else 0)
+
+    def _ingest_worker(self, embedder: Embedder, chats_running: Callable[[], int]) -> IngestWorker:
+        s = self.settings
+        assert self.memory is not None and self.db is not None
+        worker = IngestWorker(
+            self.db,
+            self.memory.knowledge,
+            embedder,
+            s.embedding_model_path or packaged_model_dir(),
+            Limits(s.ingest_max_pages, s.ingest_max_characters, s.ingest_max_chunks),
+            s.ingest_timeout_s,
+            s.ingest_workers,
+            s.ingest_share,
+            chats_running,
+            owner=lease_owner(socket.gethostname(), s.port, s.data_dir.resolve()),
+        )
+        worker.metrics = self.metrics
+        return worker
 
     def _serving(self, profile: ModelProfile | None, engine: Engine, served_names: list[str], price_override: float | None) -> ChatServing:
         """One model's serving: every generation on it (turns, summaries, self-checks) is
@@ -250,6 +282,8 @@ class Runtime:
         return VllmEngine.load(profile, checkpoint, overrides)
 
     async def close(self) -> None:
+        if self.ingest is not None:
+            await self.ingest.close()
         for serving in self.servings.values():
             await serving.engine.shutdown()
         if self.tracing is not None:
@@ -330,6 +364,19 @@ def tier_profiles(settings: Settings, primary: ModelProfile) -> list[tuple[Model
     return out
 
 
+def check_route_scopes(app: FastAPI) -> None:
+    """Refuse to start with a route that has no line in server.scopes.ROUTE_SCOPES, or
+    that would not pass `authorize` at all."""
+    missing = []
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            missing.append(f"{type(route).__name__} {getattr(route, 'path', route)}")
+            continue
+        missing += [f"{method} {route.path}" for method in sorted(route.methods) if route_scope(method, route.path) is None]
+    if missing:
+        raise ConfigError(f"routes without a scope in server/scopes.py: {', '.join(missing)}")
+
+
 def create_app(
     settings: Settings, *, engine: Engine | None = None, embedder: Embedder | None = None, others: list[tuple[ModelProfile, Engine]] | None = None
 ) -> FastAPI:
@@ -370,12 +417,18 @@ def create_app(
                 loader.cancel()
             await runtime.close()
 
-    app = FastAPI(title="Enclave", version="0.1.0", lifespan=lifespan)
+    # Every route passes `authorize` (its scope from server.scopes); FastAPI's own docs
+    # routes would not, so they are served by routes/docs.py instead.
+    app = FastAPI(
+        title="Enclave", version="0.1.0", lifespan=lifespan, dependencies=[Depends(authorize)], openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.runtime = runtime
     app.state.keys = runtime.keys
+    app.state.settings = settings
     install_error_handlers(app)
     for router in (
         health.router,
+        docs.router,
         models.router,
         chat.router,
         responses.router,
@@ -388,6 +441,7 @@ def create_app(
         usage.router,
     ):
         app.include_router(router)
+    check_route_scopes(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -19,10 +19,10 @@ from typing import Any
 
 from fastapi import Request
 
+from server import scopes as S
 from server.errors import AuthenticationError, ConfigError, PermissionDeniedError
 
 KEY_PREFIX = "sk-enclave-"
-ALL_SCOPES = "*"
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,12 @@ class Principal:
     budget_usd: float | None = None
 
     def allows(self, scope: str) -> bool:
-        if ALL_SCOPES in self.scopes or scope in self.scopes:
-            return True
-        # "tools:*" grants every "tools:<pack>" scope.
-        family = scope.split(":", 1)[0]
-        return ":" in scope and f"{family}:*" in self.scopes
+        return S.grants(self.scopes, scope)
 
 
-# Who is calling when the deployment has no keys (loopback only, or --insecure).
-ANONYMOUS = Principal(tenant="default", user="local", scopes=(ALL_SCOPES,))
+# Who is calling when the deployment has no keys (loopback only, or --insecure): the
+# operator at the machine, with every scope.
+ANONYMOUS = Principal(tenant="default", user="local", scopes=(S.ALL, *sorted(S.ADMIN_SCOPES)))
 
 
 def _digest(secret: str) -> str:
@@ -115,9 +112,11 @@ class KeyStore:
         os.replace(tmp, self.path)
 
     def create(
-        self, tenant: str, user: str, scopes: list[str] | None = None, vector_store_ids: list[str] | None = None, budget_usd: float | None = None
+        self, tenant: str, user: str, scopes: list[str], vector_store_ids: list[str] | None = None, budget_usd: float | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Add a key; the secret is returned once and never stored."""
+        if not scopes:
+            raise ConfigError("a key needs at least one scope")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         record = {
             "id": "key_" + secrets.token_hex(6),
@@ -125,7 +124,7 @@ class KeyStore:
             "prefix": secret[: len(KEY_PREFIX) + 4],
             "tenant": tenant,
             "user": user,
-            "scopes": scopes or [ALL_SCOPES],
+            "scopes": list(dict.fromkeys(scopes)),
             "created_at": int(time.time()),
         }
         if vector_store_ids:
@@ -150,6 +149,19 @@ class KeyStore:
                 self._write(records)
         return bool(hit)
 
+    def set_scopes(self, key_id: str, scopes: list[str]) -> bool:
+        """Replace a key's scopes (narrow a `*` key, or grant an operator scope by name)."""
+        if not scopes:
+            raise ConfigError("a key needs at least one scope")
+        with self._lock:
+            records = self._records()
+            hit = [r for r in records if r["id"] == key_id and not r.get("revoked")]
+            for r in hit:
+                r["scopes"] = list(dict.fromkeys(scopes))
+            if hit:
+                self._write(records)
+        return bool(hit)
+
     def revoke(self, key_id: str) -> bool:
         with self._lock:
             records = self._records()
@@ -161,25 +173,29 @@ class KeyStore:
         return bool(hit)
 
 
-def require_scope(scope: str | None = None):
-    """FastAPI dependency: the caller's Principal, or 401/403 in OpenAI's shape."""
-
-    async def dependency(request: Request) -> Principal:
-        store: KeyStore = request.app.state.keys
-        if not store.enabled:
-            return ANONYMOUS
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
-            )
-        principal = store.authenticate(secret.strip())
-        if principal is None:
-            raise AuthenticationError("Incorrect API key provided.")
-        if scope is not None and not principal.allows(scope):
-            raise PermissionDeniedError(f"this API key lacks the '{scope}' scope")
-        request.state.principal = principal
-        return principal
-
-    return dependency
+async def authorize(request: Request) -> Principal | None:
+    """The one check of every route (installed app-wide): the route's scope from
+    server.scopes.ROUTE_SCOPES, then the caller's key. Routes that need the caller
+    depend on this same function, so it runs once per request."""
+    route = request.scope.get("route")
+    needed = S.route_scope(request.method, getattr(route, "path", ""))
+    if needed is None:  # a route without a line in the table stays closed
+        raise PermissionDeniedError("this route declares no scope", code="route_without_scope")
+    if needed == S.PUBLIC or (needed == S.ANY_KEY and request.app.state.settings.public_docs):
+        return None
+    store: KeyStore = request.app.state.keys
+    if not store.enabled:
+        return ANONYMOUS
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+        )
+    principal = store.authenticate(secret.strip())
+    if principal is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    if needed != S.ANY_KEY and not principal.allows(needed):
+        raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
+    request.state.principal = principal
+    return principal

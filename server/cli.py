@@ -1,4 +1,4 @@
-"""enclave serve | models prepare|path|list | keys create|list|revoke|budget | traces show | usage | eval"""
+"""enclave serve | models prepare|path|list | keys create|list|scopes|revoke|budget | tools check | traces show | usage | eval"""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         log.warning("no API keys configured (%s): authentication is off%s", settings.resolved_keys_file,
                     "" if settings.is_loopback else "; --insecure: listening beyond loopback")
+    wildcard = [r["id"] for r in keys.list() if not r.get("revoked") and "*" in r.get("scopes", ())]
+    if wildcard:
+        # Keys made before least privilege: "*" no longer reaches the operator scopes.
+        log.info("keys with '*' (every end-user scope and tool pack, no operator scope unless named): %s; "
+                 "narrow them with `enclave keys scopes KEY_ID --scope …`", ", ".join(wildcard))
     app = create_app(settings)
     log.info("listening on http://%s:%d/v1 (model %s loads in the background; GET /ready)", settings.host, settings.port, settings.model)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
@@ -84,17 +89,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from server.auth import KeyStore
+    from server.scopes import default_scopes, unknown
 
     settings = _settings(args)
     store = KeyStore(settings.resolved_keys_file)
+    if unknown(args.scope or []):
+        raise ConfigError(f"unknown scope(s): {', '.join(unknown(args.scope))} (see the README's table of scopes)")
     if args.action == "create":
         if not args.tenant or not args.user:
             raise ConfigError("keys create needs --tenant and --user")
-        secret, record = store.create(args.tenant, args.user, args.scope, args.vector_store, args.budget_usd)
+        # Least privilege: without --scope, an end user's scopes and the enabled tool packs.
+        scopes = args.scope or default_scopes(settings.tool_packs)
+        secret, record = store.create(args.tenant, args.user, scopes, args.vector_store, args.budget_usd)
         print(json.dumps({**record, "key": secret}, indent=2))
         print("Store the key now: it is not shown again.", file=sys.stderr)
     elif args.action == "list":
         print(json.dumps(store.list(), indent=2))
+    elif args.action == "scopes":
+        if not args.scope:
+            raise ConfigError("keys scopes needs the new scopes: --scope S (repeatable)")
+        if not store.set_scopes(args.key_id or "", args.scope):
+            raise ConfigError(f"no active key with id {args.key_id!r}")
+        print(f"scopes of {args.key_id}: {', '.join(dict.fromkeys(args.scope))}")
     elif args.action == "budget":
         if not store.set_budget(args.key_id or "", None if args.budget_usd is None or args.budget_usd < 0 else args.budget_usd):
             raise ConfigError(f"no active key with id {args.key_id!r}")
@@ -163,15 +179,33 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`demo reset`: re-seed the customer-support pack's demo database."""
+    """`demo reset`: the customer-support pack's records of each tenant (or one) back to
+    what its seed gives them."""
+    from server.toolcalls.registry import Registry
     from tools import support
 
     settings = _settings(args)
-    support.setup(settings)
-    store = support._store()
-    store.reset()
-    print(f"support demo data re-seeded in {store.path}")
+    data = Registry.load(["support"], settings).data["support"]
+    tenants = [args.tenant] if args.tenant else data.tenants()
+    for tenant in tenants:
+        with data.connect(tenant) as conn:
+            support.reset_tenant_data(conn, tenant)
+    print(f"support demo data re-seeded for {len(tenants)} tenant(s): {', '.join(tenants) or 'none yet'}")
     return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    """`tools check`: the tenant-isolation check over the enabled packs (or those named),
+    on throw-away databases; exits 1 on any finding."""
+    from server.toolcalls.isolation import check_packs
+
+    settings = _settings(args)
+    packs = args.pack or settings.tool_packs
+    findings = check_packs(packs, settings)
+    for finding in findings:
+        print(finding)
+    print(f"{len(findings)} finding(s) over {len(packs)} pack(s): {', '.join(packs)}")
+    return 1 if findings else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,11 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     keys = sub.add_parser("keys", parents=[common], help="API keys")
-    keys.add_argument("action", choices=["create", "list", "revoke", "budget"])
-    keys.add_argument("key_id", nargs="?", help="key id, for revoke and budget")
+    keys.add_argument("action", choices=["create", "list", "scopes", "revoke", "budget"])
+    keys.add_argument("key_id", nargs="?", help="key id, for scopes, revoke and budget")
     keys.add_argument("--tenant")
     keys.add_argument("--user")
-    keys.add_argument("--scope", action="append", help="repeatable; default: all scopes (*)")
+    keys.add_argument(
+        "--scope", action="append",
+        help="repeatable; default: an end user's scopes (chat, embeddings, models, knowledge, memory, usage, tools:<each enabled pack>)",
+    )
     keys.add_argument("--vector-store", action="append", help="repeatable; knowledge retrieved for this key's chat completions")
     keys.add_argument("--budget-usd", type=float, help="most this key may spend on engine time (USD); for budget, a negative value removes it")
     keys.set_defaults(func=cmd_keys)
@@ -232,8 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--prune", action="store_true", help="remove files from the store that are no longer in the directory")
     ingest.set_defaults(func=cmd_ingest)
 
+    tools = sub.add_parser("tools", parents=[common], help="server-side tool packs")
+    tools.add_argument("action", choices=["check"])
+    tools.add_argument("--pack", action="append", help="repeatable; default: the enabled packs (ENCLAVE_TOOL_PACKS)")
+    tools.set_defaults(func=cmd_tools)
+
     demo = sub.add_parser("demo", parents=[common], help="demo data of the customer-support tool pack")
     demo.add_argument("action", choices=["reset"])
+    demo.add_argument("--tenant", help="only this tenant (default: every tenant that has support data)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

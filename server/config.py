@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     # Allow binding beyond loopback without API keys (the operator takes the risk).
     insecure: bool = False
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # /openapi.json, /docs and /redoc need a key like every other route unless this opens them.
+    public_docs: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # vLLM OpenAI servers to generate on instead of an in-process engine (JSON list of base
     # URLs ending in /v1); overrides the profile's `upstreams`.
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     tool_packs: list[str] = Field(default_factory=lambda: ["support"])
     # Per-pack options, e.g. {"support": {"refund_limit": 200}}; each pack documents its own.
     tool_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Where tool packs keep each tenant's database (<dir>/<pack>/…); empty: <data_dir>/packs.
+    pack_data_dir: Path | None = None
     # Per-tool rate limits per API key that override the packs' own, e.g. {"create_refund": "10/hour"}.
     tool_rate_limits: dict[str, str] = Field(default_factory=dict)
     # Model → tool → observation rounds per turn before the model must answer.
@@ -78,6 +82,15 @@ class Settings(BaseSettings):
     # The system-prompt canary the leak rail looks for; empty: a new random one per
     # process. Pin a secret one where answers must be the same across restarts (evals).
     rails_canary: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{6,32}$")
+    # Indexing of vector-store files (server/memory/ingestion.py): files indexed at once by
+    # this server, and each file's limits; a file over one fails with a last_error naming it.
+    ingest_workers: int = Field(2, ge=1, le=16)
+    ingest_max_pages: int = Field(2000, ge=1)
+    ingest_max_characters: int = Field(10_000_000, ge=1)
+    ingest_max_chunks: int = Field(20_000, ge=1)
+    ingest_timeout_s: float = Field(3600.0, gt=0)
+    # While chats are running, indexing takes at most this share of the embedder's time.
+    ingest_share: float = Field(0.5, gt=0, le=1)
     # Memories recalled into a turn.
     memory_recall_k: int = Field(4, ge=0, le=32)
     # Traces are always kept in SQL; with an OTLP/HTTP endpoint (e.g.
@@ -89,7 +102,7 @@ class Settings(BaseSettings):
     # Hourly hardware cost (USD) for cost accounting; empty: the model profile's.
     cost_per_hour: float | None = Field(None, ge=0)
 
-    @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path")
+    @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path", "pack_data_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -97,6 +110,10 @@ class Settings(BaseSettings):
     @property
     def resolved_keys_file(self) -> Path:
         return self.keys_file or self.data_dir / "keys.json"
+
+    @property
+    def resolved_pack_data_dir(self) -> Path:
+        return self.pack_data_dir or self.data_dir / "packs"
 
     @property
     def resolved_database_url(self) -> str:

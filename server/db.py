@@ -237,6 +237,12 @@ vector_store_files = Table(
     Column("chunks", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Column("created_at", Float, nullable=False),
+    # The ingestion queue (server/memory/ingestion.py): which worker holds the file and
+    # until when, and how many times one has taken it.
+    Column("lease_owner", String(64)),
+    Column("lease_until", Float),
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_vector_store_files_status", "status"),
 )
 
 

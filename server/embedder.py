@@ -6,7 +6,12 @@ import asyncio
 import base64
 import importlib.util
 import os
-from collections import OrderedDict
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,71 @@ def packaged_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
+    except OSError:
+        pass
+
+
+class EmbeddingGate:
+    """One encode at a time, in order of need: a waiting interactive caller (a turn's
+    query, a search, /v1/embeddings) goes before any bulk one (ingestion), and bulk
+    callers of different tenants take turns, batch by batch. So a tenant's huge upload
+    delays a chat by one small batch at most, and cannot starve another tenant's upload."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._interactive: deque[asyncio.Future] = deque()
+        self._bulk: dict[str, deque[asyncio.Future]] = {}  # insertion order: the round robin
+
+    def waiting(self) -> int:
+        return len(self._interactive) + sum(len(q) for q in self._bulk.values())
+
+    @asynccontextmanager
+    async def hold(self, tenant: str | None = None) -> AsyncIterator[None]:
+        """Hold the encoder; `tenant` marks a bulk caller."""
+        if not self._busy and not self.waiting():
+            self._busy = True
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            queue = self._interactive if tenant is None else self._bulk.setdefault(tenant, deque())
+            queue.append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # granted just as it was cancelled: pass it on
+                elif turn in queue:
+                    queue.remove(turn)
+                    if tenant is not None and not queue and self._bulk.get(tenant) is queue:
+                        del self._bulk[tenant]
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _next(self) -> asyncio.Future | None:
+        if self._interactive:
+            return self._interactive.popleft()
+        if self._bulk:
+            tenant = next(iter(self._bulk))
+            queue = self._bulk.pop(tenant)
+            turn = queue.popleft()
+            if queue:
+                self._bulk[tenant] = queue  # back of the line
+            return turn
+        return None
+
+    def _release(self) -> None:
+        while (turn := self._next()) is not None:
+            if not turn.done():  # a waiter cancelled meanwhile is skipped
+                turn.set_result(None)  # the encoder passes straight to it
+                return
+        self._busy = False
+
+
 class Embedder:
     def __init__(self, model_dir: Path, name: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,10 +109,13 @@ class Embedder:
         self.dimensions = int(self._model.get_embedding_dimension())
         # One encode at a time: the model is small and batches internally; parallel
         # calls would only fight the engine for the same cores.
-        self._lock = asyncio.Lock()
+        self.gate = EmbeddingGate()
         # One turn embeds its user message up to three times (the router, the topic rail,
         # memory recall): recent single texts are kept, so it is computed once.
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        # When an interactive caller last asked: bulk work steps back while chats go on.
+        self.last_interactive = float("-inf")
+        self._bulk: ThreadPoolExecutor | None = None
 
     def texts_from_input(self, raw: str | list) -> list[str]:
         """Normalise OpenAI's four input shapes (text, texts, token ids, lists of ids)."""
@@ -57,6 +130,9 @@ class Embedder:
         texts = []
         for i, item in enumerate(items):
             if isinstance(item, list):
+                vocabulary = len(self._tokenizer)
+                if any(not 0 <= token < vocabulary for token in item):
+                    raise InvalidRequestError(f"input[{i}] holds token ids outside the vocabulary of {self.name} (0 to {vocabulary - 1})", param="input")
                 item = self._tokenizer.decode(item, skip_special_tokens=True)
             if not item:
                 raise InvalidRequestError(f"input[{i}] is empty", param="input")
@@ -67,9 +143,45 @@ class Embedder:
         # Counted with the model's own tokenizer, special tokens included, as it sees them.
         return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        async with self._lock:
-            return await asyncio.to_thread(self._model.encode, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    def _encode(self, texts: list[str], threads: int | None) -> np.ndarray:
+        if threads is None:
+            return self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        import torch
+
+        # The gate lets one encode run at a time, so changing the process's intra-op
+        # threads for this one is safe; the engine runs in processes of its own.
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        finally:
+            torch.set_num_threads(before)
+
+    def _bulk_executor(self) -> ThreadPoolExecutor:
+        # Bulk encodes run on a thread of their own at a low scheduling priority (on one
+        # core, torch computes on the calling thread), so the kernel serves the engine
+        # and the event loop first; interactive encodes keep the normal priority.
+        if self._bulk is None:
+            self._bulk = ThreadPoolExecutor(1, thread_name_prefix="embed-bulk", initializer=_lower_priority)
+        return self._bulk
+
+    async def embed(self, texts: list[str], *, tenant: str | None = None, threads: int | None = None) -> np.ndarray:
+        """Normalised vectors; with `tenant`, as bulk work of that tenant (ingestion),
+        which waits for interactive callers and takes turns with other tenants; `threads`
+        caps the cores this encode uses."""
+        if tenant is None:
+            self.last_interactive = time.monotonic()
+        async with self.gate.hold(tenant):
+            if tenant is None:
+                work = asyncio.ensure_future(asyncio.to_thread(self._encode, texts, threads))
+            else:
+                work = asyncio.get_running_loop().run_in_executor(self._bulk_executor(), self._encode, texts, threads)
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The thread cannot be stopped: the encoder stays held until it is done.
+                await asyncio.gather(work, return_exceptions=True)
+                raise
 
     async def embed_one(self, text: str) -> np.ndarray:
         """One text's normalised vector, from the recent ones when it was just embedded."""

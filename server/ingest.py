@@ -3,7 +3,9 @@
 It goes through the HTTP API (as any client would), so it works against one server or
 a load-balanced fleet and never touches the vector files behind a running process.
 Each document is named by its path relative to DIR; an unchanged file (same SHA-256) is
-skipped, a changed one is uploaded again and replaces its old chunks.
+skipped, a changed one is uploaded again and replaces its old chunks. Files are queued
+for indexing as they are uploaded (the server indexes them in the background) and the
+command waits until each has completed or failed.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def ingest_directory(directory: Path, store_name: str, url: str, api_key: str | 
         counts = {"added": 0, "replaced": 0, "unchanged": 0, "failed": 0, "removed": 0}
         chunks = 0
         started = time.perf_counter()
-        bar = tqdm(paths, unit="file", desc=f"ingest → {store_name}", file=sys.stderr)
-        for path in bar:
+        queued: dict[str, tuple[str, dict | None]] = {}  # file id -> (name, the file it replaces)
+        for path in tqdm(paths, unit="file", desc=f"upload → {store_name}", file=sys.stderr):
             name = path.relative_to(directory).as_posix()
             data = path.read_bytes()
             old = present.get(name)
@@ -55,16 +57,28 @@ def ingest_directory(directory: Path, store_name: str, url: str, api_key: str | 
                 counts["unchanged"] += 1
                 continue
             uploaded = _check(http.post("files", files={"file": (name, data)}, data={"purpose": "assistants"}))
-            attached = _check(http.post(f"vector_stores/{store['id']}/files", json={"file_id": uploaded["id"]}))
-            if attached["status"] != "completed":
-                counts["failed"] += 1
-                bar.write(f"failed: {name}: {(attached.get('last_error') or {}).get('message')}")
-                continue
-            chunks += attached.get("chunks", 0)
-            counts["replaced" if old else "added"] += 1
-            if old is not None:
-                http.delete(f"files/{old['id']}")  # the server already dropped its chunks
-            bar.set_postfix(chunks=chunks)
+            _check(http.post(f"vector_stores/{store['id']}/files", json={"file_id": uploaded["id"]}))
+            queued[uploaded["id"]] = (name, old)
+        bar = tqdm(total=len(queued), unit="file", desc=f"index → {store_name}", file=sys.stderr)
+        while queued:
+            for file_id, (name, old) in list(queued.items()):
+                state = _check(http.get(f"vector_stores/{store['id']}/files/{file_id}"))
+                if state["status"] == "in_progress":
+                    continue
+                del queued[file_id]
+                bar.update(1)
+                if state["status"] != "completed":
+                    counts["failed"] += 1
+                    bar.write(f"failed: {name}: {(state.get('last_error') or {}).get('message')}")
+                    continue
+                chunks += state.get("chunks", 0)
+                counts["replaced" if old else "added"] += 1
+                if old is not None:
+                    http.delete(f"files/{old['id']}")  # the server already dropped its chunks
+                bar.set_postfix(chunks=chunks)
+            if queued:
+                time.sleep(0.25)
+        bar.close()
         if prune:
             wanted = {p.relative_to(directory).as_posix() for p in paths}
             for name, old in present.items():

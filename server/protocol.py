@@ -21,6 +21,9 @@ from server.toolcalls.format import call_text
 
 log = logging.getLogger(__name__)
 
+# A seed is a 64-bit signed integer (the engine's random generator takes no more).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class OpenAIModel(BaseModel):
     """Base for requests: unknown fields are kept, logged once per request, not used."""
@@ -115,7 +118,7 @@ class ChatCompletionRequest(OpenAIModel):
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -208,8 +211,13 @@ class ChatCompletionRequest(OpenAIModel):
                 f"and your request has {prompt_tokens} input tokens ({requested} > {max_model_len} - {prompt_tokens}).",
                 param=param,
             )
+        max_tokens = requested if requested is not None else room
+        if self.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed the tokens this request may generate ({max_tokens})", param="min_tokens"
+            )
         return GenerationParams(
-            max_tokens=requested if requested is not None else room,
+            max_tokens=max_tokens,
             n=self.n,
             temperature=self.temperature,
             top_p=self.top_p,

@@ -47,29 +47,49 @@ def document_kind(filename: str) -> str:
     return kind
 
 
-def extract_sections(filename: str, data: bytes) -> list[Section]:
+def too_large(what: str, limit: int, setting: str) -> InvalidRequestError:
+    return InvalidRequestError(f"the file {what}; the limit is {limit} ({setting})", param="file", code="file_too_large")
+
+
+def extract_sections(filename: str, data: bytes, max_pages: int | None = None, max_characters: int | None = None) -> list[Section]:
+    """The document's sections; a file over `max_pages` (PDF) or `max_characters` of
+    text is refused as soon as that is known, before the rest is read."""
     kind = document_kind(filename)
     if kind == "pdf":
-        text = _pdf_text(data)
+        text = _pdf_text(data, max_pages, max_characters)
         return _markdown_sections(text, headings=False)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = data.decode("latin-1")
+    if max_characters is not None and len(text) > max_characters:
+        raise too_large(f"has {len(text)} characters", max_characters, "ENCLAVE_INGEST_MAX_CHARACTERS")
     if kind == "html":
         text = _html_to_markdown(text)
     return _markdown_sections(text, headings=kind != "text")
 
 
-def _pdf_text(data: bytes) -> str:
+def _pdf_text(data: bytes, max_pages: int | None = None, max_characters: int | None = None) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import PyPdfError
 
+    pages: list[str] = []
+    size = 0
     try:
         reader = PdfReader(io.BytesIO(data))
-        return "\n\n".join((page.extract_text() or "") for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError) as exc:
-        raise InvalidRequestError(f"the PDF could not be read: {exc}", param="file", code="invalid_file") from None
+        if max_pages is not None and len(reader.pages) > max_pages:
+            raise too_large(f"has {len(reader.pages)} pages", max_pages, "ENCLAVE_INGEST_MAX_PAGES")
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            size += len(pages[-1])
+            # A small PDF can expand to far more text than its size suggests.
+            if max_characters is not None and size > max_characters:
+                raise too_large(f"holds more than {max_characters} characters of text", max_characters, "ENCLAVE_INGEST_MAX_CHARACTERS")
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # pypdf's own refusals (LimitReachedError among them) and what malformed
+        # structures make it raise.
+        raise InvalidRequestError(f"the PDF could not be read: {type(exc).__name__}", param="file", code="invalid_file") from None
+    return "\n\n".join(pages)
 
 
 def _html_to_markdown(html: str) -> str:

@@ -2,9 +2,10 @@
 
 Files (their bytes too) are stored in SQL, so every replica reads them; a vector store is a
 named set of files whose chunks live in the tenant's `kb` collection in Chroma, tagged
-with the store and file ids. Adding a file whose name is already in the store replaces
-the old one's chunks (our extension: re-ingesting a changed document must not leave
-stale chunks behind).
+with the store and file ids. Adding a file to a store queues it; the ingestion workers
+(server/memory/ingestion.py) index it off the request path. Adding a file whose name is
+already in the store replaces the old one's chunks (our extension: re-ingesting a
+changed document must not leave stale chunks behind).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from server.auth import Principal
 from server.db import file_contents, files, vector_store_files, vector_stores
 from server.embedder import Embedder
 from server.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
-from server.memory.chunking import chunk_sections, document_kind, extract_sections
+from server.memory.chunking import document_kind
 from server.memory.vectors import VectorStore
 
 CHUNK_TOKENS = 200
 OVERLAP_TOKENS = 40
-# Chroma accepts a few thousand records per call; stay well below.
-_BATCH = 512
 
 
 @dataclass
@@ -64,6 +63,7 @@ class KnowledgeBase:
         self.vectors = vectors
         self.embedder = embedder
         self.files_dir = files_dir
+        self.ingest: Any = None  # server.memory.ingestion.IngestWorker, once the embedder is loaded
 
     # ---------------------------------------------------------------- files
 
@@ -100,9 +100,9 @@ class KnowledgeBase:
 
     def file_content(self, principal: Principal, file_id: str) -> tuple[str, bytes]:
         row = self._file_row(principal, file_id)
-        return row["filename"], self._read(principal.tenant, file_id)
+        return row["filename"], self.read_bytes(principal.tenant, file_id)
 
-    def _read(self, tenant: str, file_id: str) -> bytes:
+    def read_bytes(self, tenant: str, file_id: str) -> bytes:
         with self.db.connect() as conn:
             data = conn.execute(select(file_contents.c.data).where(file_contents.c.file_id == file_id)).scalar()
         if data is not None:
@@ -215,30 +215,15 @@ class KnowledgeBase:
     # ---------------------------------------------------------------- store files
 
     async def add_file(self, principal: Principal, store_id: str, file_id: str) -> dict[str, Any]:
-        """Chunk, embed and index one file into a store (synchronously: the returned
-        object is already `completed` or `failed`, so clients that poll stop at once)."""
+        """Queue one file for indexing into a store and return it `in_progress`, as
+        OpenAI does; the ingestion workers (server/memory/ingestion.py) index it."""
         await asyncio.to_thread(self._store_row, principal, store_id)
         row = await asyncio.to_thread(self._file_row, principal, file_id)
         document_kind(row["filename"])  # refuse what we cannot read before touching the store
-        data = await asyncio.to_thread(self._read, principal.tenant, file_id)
         await asyncio.to_thread(self._replace_membership, principal.tenant, store_id, row)
-        try:
-            sections = await asyncio.to_thread(extract_sections, row["filename"], data)
-            embedder = self._require_embedder()
-            chunks = await asyncio.to_thread(chunk_sections, sections, embedder.count_tokens, CHUNK_TOKENS, OVERLAP_TOKENS)
-            if chunks:
-                vectors = await embedder.embed([c.text for c in chunks])
-                await asyncio.to_thread(self._index, principal.tenant, store_id, row, chunks, vectors)
-            status, error = "completed", None
-        except InvalidRequestError as exc:
-            status, error = "failed", {"code": "invalid_file", "message": exc.message}
-            chunks = []
-        except Exception:
-            await asyncio.to_thread(self._kb(principal.tenant).delete, where={"$and": [{"vector_store_id": store_id}, {"file_id": file_id}]})
-            await asyncio.to_thread(self._set_status, store_id, file_id, "failed", 0, {"code": "server_error", "message": "indexing failed"})
-            raise
-        await asyncio.to_thread(self._set_status, store_id, file_id, status, len(chunks), error)
-        return self.get_store_file(principal, store_id, file_id)
+        if self.ingest is not None:
+            self.ingest.submit()
+        return await asyncio.to_thread(self.get_store_file, principal, store_id, file_id)
 
     def _require_embedder(self) -> Embedder:
         if self.embedder is None:
@@ -271,27 +256,19 @@ class KnowledgeBase:
                 )
             )
 
-    def _index(self, tenant: str, store_id: str, file_row: dict[str, Any], chunks: list, vectors: Any) -> None:
-        kb = self._kb(tenant)
-        for start in range(0, len(chunks), _BATCH):
-            part = chunks[start : start + _BATCH]
-            kb.add(
-                ids=[f"{store_id}:{file_row['id']}:{c.index}" for c in part],
-                embeddings=vectors[start : start + _BATCH],
-                documents=[c.text for c in part],
-                metadatas=[
-                    {"vector_store_id": store_id, "file_id": file_row["id"], "filename": file_row["filename"], "chunk_index": c.index}
-                    for c in part
-                ],
-            )
+    def write_chunks(self, tenant: str, store_id: str, file_id: str, filename: str, first: int, texts: list[str], vectors: Any) -> None:
+        """Index chunks `first`… of a file (upserts: a batch written twice is written once)."""
+        self._kb(tenant).upsert(
+            ids=[f"{store_id}:{file_id}:{first + i}" for i in range(len(texts))],
+            embeddings=vectors,
+            documents=texts,
+            metadatas=[
+                {"vector_store_id": store_id, "file_id": file_id, "filename": filename, "chunk_index": first + i} for i in range(len(texts))
+            ],
+        )
 
-    def _set_status(self, store_id: str, file_id: str, status: str, chunks: int, error: dict | None) -> None:
-        with self.db.begin() as conn:
-            conn.execute(
-                update(vector_store_files)
-                .where(vector_store_files.c.vector_store_id == store_id, vector_store_files.c.file_id == file_id)
-                .values(status=status, chunks=chunks, last_error=json.dumps(error) if error else None)
-            )
+    def delete_chunks(self, tenant: str, store_id: str, file_id: str) -> None:
+        self._kb(tenant).delete(where={"$and": [{"vector_store_id": store_id}, {"file_id": file_id}]})
 
     def get_store_file(self, principal: Principal, store_id: str, file_id: str) -> dict[str, Any]:
         self._store_row(principal, store_id)

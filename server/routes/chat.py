@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.auth import Principal, require_scope
+from server.auth import Principal, authorize
 from server.errors import EnclaveError, ServiceUnavailableError
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from server.routing import (
@@ -41,7 +41,7 @@ async def _wait_for_disconnect(request: Request) -> None:
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
     summary="Create a chat completion (streamed as server-sent events when stream is true).",
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(authorize)) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
 

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends, Request
 
-from server.auth import require_scope
+from server.auth import Principal, authorize
 from server.embedder import encode_base64
 from server.errors import InvalidRequestError, ModelNotFoundError
 from server.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, ErrorResponse
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1")
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
     summary="Embed texts with the local sentence-transformers model.",
 )
-async def create_embeddings(body: EmbeddingRequest, request: Request, principal=Depends(require_scope("embeddings"))) -> EmbeddingList:
+async def create_embeddings(body: EmbeddingRequest, request: Request, principal: Principal = Depends(authorize)) -> EmbeddingList:
     runtime = request.app.state.runtime
     embedder = runtime.require_embedder()
     if body.model != embedder.name:

@@ -1,9 +1,7 @@
 """Liveness, readiness and Prometheus metrics."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-
-from server.auth import require_scope
 
 router = APIRouter()
 
@@ -25,6 +23,6 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics.", dependencies=[Depends(require_scope("metrics"))])
+@router.get("/metrics", summary="Prometheus metrics.")
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.auth import require_scope
+from server.auth import Principal, authorize
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.responses import ResponsesServing
 from server.routes.chat import (
@@ -34,7 +34,7 @@ def _memory(request: Request):
 
 
 @router.post("", responses=_ERRORS, summary="Create a model response (stored and continuable; streamed as typed events when stream is true).")
-async def create_response(body: ResponsesRequest, request: Request, principal=Depends(require_scope("chat"))) -> Response:
+async def create_response(body: ResponsesRequest, request: Request, principal: Principal = Depends(authorize)) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
 
@@ -72,12 +72,12 @@ def _said(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 @router.get("/{response_id}", responses=_ERRORS, summary="Get a stored response.")
-async def get_response(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+async def get_response(response_id: str, request: Request, principal: Principal = Depends(authorize)) -> dict[str, Any]:
     return await asyncio.to_thread(_memory(request).conversations.get_response, principal, response_id)
 
 
 @router.get("/{response_id}/input_items", responses=_ERRORS, summary="List the input items of a stored response.")
-async def list_input_items(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+async def list_input_items(response_id: str, request: Request, principal: Principal = Depends(authorize)) -> dict[str, Any]:
     items = await asyncio.to_thread(_memory(request).conversations.input_items, principal, response_id)
     return {
         "object": "list",
@@ -89,6 +89,6 @@ async def list_input_items(response_id: str, request: Request, principal=Depends
 
 
 @router.delete("/{response_id}", responses=_ERRORS, summary="Delete a stored response.")
-async def delete_response(response_id: str, request: Request, principal=Depends(require_scope("chat"))) -> dict[str, Any]:
+async def delete_response(response_id: str, request: Request, principal: Principal = Depends(authorize)) -> dict[str, Any]:
     await asyncio.to_thread(_memory(request).conversations.delete_response, principal, response_id)
     return {"id": response_id, "object": "response", "deleted": True}

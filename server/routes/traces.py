@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from server.auth import require_scope
+from server.auth import Principal, authorize
 from server.errors import NotFoundError, ServiceUnavailableError
 from server.protocol import ErrorResponse
 from server.telemetry.tracing import trace_object
@@ -19,7 +19,7 @@ _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @router.get("/{trace_id}", responses={404: {"model": ErrorResponse}}, summary="Get a trace: its spans with timings and attributes.")
-async def get_trace(trace_id: str, request: Request, principal=Depends(require_scope("traces"))) -> dict[str, Any]:
+async def get_trace(trace_id: str, request: Request, principal: Principal = Depends(authorize)) -> dict[str, Any]:
     tracing = request.app.state.runtime.tracing
     if tracing is None:
         raise ServiceUnavailableError("tracing is not enabled on this server", code="tracing_disabled")

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from server.auth import require_scope
+from server.auth import Principal, authorize
 from server.errors import InvalidRequestError, ServiceUnavailableError
 from server.protocol import ErrorResponse
 from server.telemetry.cost import GROUPS
@@ -22,7 +22,7 @@ async def get_usage(
     start_time: float | None = Query(None, description="Unix seconds, inclusive"),
     end_time: float | None = Query(None, description="Unix seconds, exclusive"),
     limit: int = Query(100, ge=1, le=10_000),
-    principal=Depends(require_scope("usage")),
+    principal: Principal = Depends(authorize),
 ) -> dict[str, Any]:
     if group_by not in GROUPS:
         raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}", param="group_by", code="invalid_value")

@@ -183,13 +183,18 @@ class UsageLedger:
             func.sum(u.cost_usd).label("cost_usd"),
         )
         key = _GROUPS[group_by]
+        # A user name is only unique within its tenant: users are keyed by both.
+        grouped = (u.tenant, key) if group_by == "user" else (key,)
         with self.db.connect() as conn:
-            rows = conn.execute(select(key.label("id"), *sums).where(*where).group_by(key).order_by(func.sum(u.cost_usd).desc()).limit(limit)).mappings().all()
+            rows = conn.execute(select(*grouped[:-1], key.label("id"), *sums).where(*where).group_by(*grouped).order_by(func.sum(u.cost_usd).desc()).limit(limit)).mappings().all()
             total = conn.execute(select(*sums).where(*where)).mappings().one()
         return {
             "object": "list",
             "group_by": group_by,
-            "data": [{"object": "usage.bucket", group_by + "_id": r["id"], **_numbers(r)} for r in rows],
+            "data": [
+                {"object": "usage.bucket", **({"tenant_id": r["tenant"]} if group_by == "user" else {}), group_by + "_id": r["id"], **_numbers(r)}
+                for r in rows
+            ],
             "total": _numbers(total),
         }
 

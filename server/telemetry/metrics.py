@@ -81,6 +81,10 @@ class Metrics:
             "enclave_retrieval_latency_seconds", "Knowledge search for one turn, embedding included", buckets=_LATENCY, registry=r
         )
         self.recall_latency = Histogram("enclave_memory_recall_latency_seconds", "Episodic memory recall for one turn", buckets=_LATENCY, registry=r)
+        self.ingested = Counter("enclave_ingested_files", "Vector-store files indexed, by outcome", ["outcome"], registry=r)
+        self.ingest_seconds = Histogram(
+            "enclave_ingest_seconds", "Time to index one vector-store file, parsing included", buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600), registry=r
+        )
         self.rail_latency = Histogram("enclave_rail_latency_seconds", "Time one rail took", ["stage", "rail"], buckets=_RAIL, registry=r)
         self.rail_verdicts = Counter("enclave_rail_verdicts", "Rail outcomes by rail", ["stage", "rail", "verdict"], registry=r)
         self.rail_quantiles = RecentQuantiles()

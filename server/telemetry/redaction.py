@@ -141,10 +141,57 @@ def redact(value: Any, key: str | None = None) -> Any:
     return value
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """The text with every non-printable character (newlines, escape sequences, bidi
+    overrides) written as an escape: a client's string cannot start a log line of its
+    own or rewrite what the terminal shows."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}") for ch in text
+    )
+
+
+class _Escaped:
+    """A log argument that is neither text nor a number (an exception, a model): formatted
+    as usual, then escaped and masked."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __str__(self) -> str:
+        return escape_control(redact_text(str(self.value)))
+
+    def __repr__(self) -> str:
+        return escape_control(redact_text(repr(self.value)))
+
+
+def _safe_arg(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_control(redact_text(value))
+    if value is None or isinstance(value, (int, float)):
+        return value  # numbers keep their type: formatters use %d on them
+    return _Escaped(value)
+
+
+def _traceback_lines(exc_info: Any) -> str:
+    # Every line of a traceback is indented and escaped, so an exception message that
+    # quotes a client's input cannot pose as a log record of its own.
+    text = "".join(traceback.format_exception(*exc_info)).rstrip()
+    return "\n".join("    " + escape_control(line) for line in text.splitlines())
+
+
 def install_log_redaction() -> None:
-    """Every log record, from any library and to any handler, is redacted when it is
-    created: the message is formatted with its arguments and masked, and a traceback is
-    formatted and masked with it (exception messages often quote the input)."""
+    """Every log record, from any library and to any handler, is made safe when it is
+    created: personal data masked, and every control character of its message and
+    arguments escaped (one record is one line; tracebacks follow it indented). The
+    message is formatted with its arguments, and a traceback formatted and masked with
+    it (exception messages often quote the input)."""
     previous = logging.getLogRecordFactory()
     if getattr(previous, "enclave_redacting", False):
         return
@@ -156,18 +203,19 @@ def install_log_redaction() -> None:
                 message = record.getMessage()
             except Exception:  # noqa: BLE001 - a broken format string must not stop logging
                 message = str(record.msg)
+            message = escape_control(message)
             if record.exc_info and record.exc_info[0] is not None:
-                message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+                message += "\n" + _traceback_lines(record.exc_info)
                 record.exc_info = None
             record.msg, record.args = redact_text(message), None
             return record
-        # Arguments stay arguments, each masked: some formatters read them by position
+        # Arguments stay arguments, each made safe: some formatters read them by position
         # (uvicorn's access log unpacks client, method, path, version and status).
-        record.msg = redact_text(str(record.msg))
+        record.msg = escape_control(redact_text(str(record.msg)))
         if isinstance(record.args, dict):
-            record.args = {k: redact_text(v) if isinstance(v, str) else v for k, v in record.args.items()}
+            record.args = {k: _safe_arg(v) for k, v in record.args.items()}
         else:
-            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_safe_arg(a) for a in record.args)
         return record
 
     factory.enclave_redacting = True  # type: ignore[attr-defined]

@@ -126,7 +126,7 @@ class Executor:
         if tool.destructive:
             try:
                 if tool.precheck is not None:
-                    await asyncio.to_thread(tool.precheck, ctx, **arguments)
+                    await asyncio.to_thread(tool.precheck, tool.bind(ctx), **arguments)
             except ToolError as exc:
                 return result("error", _error(str(exc)), error=str(exc), args=arguments)
             action = await asyncio.to_thread(self._create_action, tool, arguments, principal)

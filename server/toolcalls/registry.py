@@ -4,8 +4,9 @@ A pack is a module `tools.<pack>` whose functions carry the @tool decorator. The
 docstring is the description the model sees; the JSON schema comes from the signature
 through pydantic, so `Annotated[str, Field(pattern=...)]` both documents and constrains
 an argument. A parameter typed `ToolContext` is filled in by the server (who is calling,
-the conversation, an idempotency key) and never shown to the model. A pack may define
-`setup(settings)`, run once at start-up (open its database, seed demo data).
+the conversation, an idempotency key, the tenant's own data) and never shown to the
+model. A pack may define `setup(settings)`, run once at start-up (read its options), and
+`init_tenant_data(conn, tenant)`, run once per tenant database (server/toolcalls/tenancy.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from server.errors import ConfigError, InvalidRequestError
+from server.scopes import pack_name, pack_scope
+from server.toolcalls.tenancy import PackData, TenantData
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +33,10 @@ class ToolError(Exception):
     """Raised by a tool to report a refusal or failure the model should see as-is."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToolContext:
-    """What the server hands a tool besides its arguments."""
+    """What the server hands a tool besides its arguments. Frozen: a tool acts for the
+    tenant and user the server authenticated, and reaches only that tenant's data."""
 
     tenant: str
     user: str
@@ -41,6 +46,8 @@ class ToolContext:
     # Stable across retries and repeated confirmations: tools with side effects use it
     # to make a second execution a no-op.
     idempotency_key: str | None = None
+    # The calling tenant's database of the tool's pack; bound by the server per call.
+    data: TenantData | None = None
 
 
 @dataclass
@@ -59,10 +66,18 @@ class Tool:
     rate_limit: tuple[int, float] | None = None  # (calls, per seconds) per key
     confirm: str | None = None  # summary template for destructive tools, formatted with the arguments
     precheck: Callable[..., Any] | None = None  # runs before asking for confirmation
+    # Arguments of typical calls: they document the tool, and the isolation check
+    # (server/toolcalls/isolation.py) runs the tool with them.
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    data: PackData | None = None  # the pack's per-tenant databases
 
     @property
     def scope(self) -> str:
-        return f"tools:{self.pack}"
+        return pack_scope(self.pack)
+
+    def bind(self, ctx: ToolContext) -> ToolContext:
+        """The context this tool runs with: the caller's, with the caller's tenant data."""
+        return replace(ctx, data=self.data.for_tenant(ctx.tenant) if self.data is not None else None)
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Arguments checked and coerced by the signature; ToolError on failure."""
@@ -83,7 +98,7 @@ class Tool:
     def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
         kwargs = dict(arguments)
         if self.context_param:
-            kwargs[self.context_param] = ctx
+            kwargs[self.context_param] = self.bind(ctx)
         return self.fn(**kwargs)
 
 
@@ -120,6 +135,7 @@ def tool(
     rate_limit: str | None = None,
     confirm: str | None = None,
     precheck: Callable[..., Any] | None = None,
+    examples: list[dict[str, Any]] | None = None,
 ):
     """Mark a function as a tool. Read-only tools are idempotent (and so retried on
     failure when `retries` > 0) unless told otherwise; destructive ones never are."""
@@ -143,6 +159,11 @@ def tool(
         description = doc.split("\n\n")[0].replace("\n", " ").strip()
         if not description:
             raise TypeError(f"tool {f.__name__}: the docstring is its description and must not be empty")
+        for example in examples or []:
+            try:
+                model.model_validate(example)
+            except ValidationError as exc:
+                raise TypeError(f"tool {f.__name__}: example {example} does not fit its signature: {exc}") from None
         return Tool(
             name=f.__name__,
             description=description,
@@ -157,6 +178,7 @@ def tool(
             rate_limit=_parse_rate(rate_limit),
             confirm=confirm,
             precheck=precheck,
+            examples=list(examples or []),
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -168,22 +190,31 @@ class Registry:
     def __init__(self) -> None:
         self.tools: dict[str, Tool] = {}
         self.packs: dict[str, list[Tool]] = {}
+        self.data: dict[str, PackData] = {}
 
-    def add_pack(self, pack: str, tools: list[Tool]) -> None:
-        for t in tools:
+    def add_pack(self, pack: str, tools: list[Tool], data: PackData | None = None) -> None:
+        # Copies: the module's own Tool objects stay untouched, so two registries (two
+        # apps in one test process) never share a pack's data or rate limits.
+        added = [replace(t, pack=pack, data=data) for t in tools]
+        for t in added:
             if t.name in self.tools:
                 raise ConfigError(f"tool `{t.name}` of pack `{pack}` clashes with pack `{self.tools[t.name].pack}`")
-            t.pack = pack
             self.tools[t.name] = t
-        self.packs[pack] = tools
+        self.packs[pack] = added
+        if data is not None:
+            self.data[pack] = data
 
     @classmethod
-    def load(cls, packs: list[str], settings: Any = None) -> Registry:
+    def load(cls, packs: list[str], settings: Any = None, data_root: Path | None = None) -> Registry:
+        """The packs' tools; each pack's tenant databases live under `data_root` (default:
+        the settings' pack data directory)."""
         registry = cls()
+        if data_root is None and settings is not None:
+            data_root = settings.resolved_pack_data_dir
         for ref in packs:
             # "support" is tools/support; a dotted name is any importable module.
             module_name = ref if "." in ref else f"tools.{ref}"
-            pack = ref.rsplit(".", 1)[-1]
+            pack = pack_name(ref)
             try:
                 module = importlib.import_module(module_name)
             except ImportError as exc:
@@ -193,7 +224,8 @@ class Registry:
                 raise ConfigError(f"ENCLAVE_TOOL_PACKS: `{module_name}` defines no @tool functions")
             if hasattr(module, "setup") and settings is not None:
                 module.setup(settings)
-            registry.add_pack(pack, sorted(found, key=lambda t: t.name))
+            data = PackData(pack, data_root, getattr(module, "init_tenant_data", None)) if data_root is not None else None
+            registry.add_pack(pack, sorted(found, key=lambda t: t.name), data)
             log.info("tool pack %s: %s", pack, ", ".join(t.name for t in found))
         for name, rate in (getattr(settings, "tool_rate_limits", None) or {}).items():
             if name not in registry.tools:

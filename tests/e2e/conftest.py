@@ -20,7 +20,12 @@ import httpx
 import openai
 import pytest
 
+from server.scopes import ADMIN_SCOPES
+
 READY_TIMEOUT_S = 300
+SUPPORT_SEED = Path(__file__).with_name("support_seed.json")
+# Every scope there is: "*" and, by name, the operator scopes it does not include.
+ALL_SCOPES = ("--scope", "*", *(arg for scope in sorted(ADMIN_SCOPES) for arg in ("--scope", scope)))
 # The leak rail's canary opens every system prompt; a random one per server would give
 # SmolLM2 a different prompt, and so different answers, on every run. Pinned, a test
 # session's model turns are the same from run to run.
@@ -71,6 +76,14 @@ class LiveServer:
         return total
 
 
+def wait_indexed(client: openai.OpenAI, store_id: str, timeout: float = 300) -> None:
+    """Until no file of the store is in progress: the server indexes files in the background."""
+    deadline = time.monotonic() + timeout
+    while client.vector_stores.retrieve(store_id).file_counts.in_progress:
+        assert time.monotonic() < deadline, f"vector store {store_id} still indexing after {timeout} s"
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,17 +103,23 @@ def create_key(data_dir: Path, *extra: str) -> str:
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory) -> LiveServer:
     data_dir = tmp_path_factory.mktemp("data")
-    key = create_key(data_dir, "--tenant", "acme", "--user", "alice")
+    # The tests' main key holds every scope, the operator ones by name.
+    key = create_key(data_dir, "--tenant", "acme", "--user", "alice", *ALL_SCOPES)
     limited = create_key(data_dir, "--tenant", "acme", "--user", "bob", "--scope", "embeddings")
     keys = {
         "support": create_key(data_dir, "--tenant", "acme", "--user", "cust_1001", "--scope", "chat", "--scope", "tools:support"),
         "chat_only": create_key(data_dir, "--tenant", "acme", "--user", "cust_1002", "--scope", "chat"),
         "operator": create_key(data_dir, "--tenant", "acme", "--user", "ops", "--scope", "actions"),
-        "dana": create_key(data_dir, "--tenant", "acme", "--user", "dana", "--scope", "chat"),
-        "eve": create_key(data_dir, "--tenant", "acme", "--user", "eve", "--scope", "chat"),
-        "frank": create_key(data_dir, "--tenant", "acme", "--user", "frank", "--scope", "chat"),
+        "dana": create_key(data_dir, "--tenant", "acme", "--user", "dana", "--scope", "chat", "--scope", "memory"),
+        "eve": create_key(data_dir, "--tenant", "acme", "--user", "eve", "--scope", "chat", "--scope", "memory"),
+        "frank": create_key(data_dir, "--tenant", "acme", "--user", "frank", "--scope", "chat", "--scope", "memory"),
         "memory_admin": create_key(data_dir, "--tenant", "acme", "--user", "dpo", "--scope", "memory:admin"),
-        "globex": create_key(data_dir, "--tenant", "globex", "--user", "gina"),
+        "globex": create_key(data_dir, "--tenant", "globex", "--user", "gina", *ALL_SCOPES),
+        # Tenant beta's customer has the same user name as acme's (tests/e2e/test_tenancy.py).
+        "beta": create_key(data_dir, "--tenant", "beta", "--user", "cust_1001", "--scope", "chat", "--scope", "tools:support"),
+        "beta_operator": create_key(data_dir, "--tenant", "beta", "--user", "ops", "--scope", "actions"),
+        # Made without --scope: what any new key gets.
+        "default": create_key(data_dir, "--tenant", "acme", "--user", "dora"),
     }
     port = free_port()
     log_path = data_dir.parent / "server.log"
@@ -108,7 +127,8 @@ def live_server(tmp_path_factory) -> LiveServer:
         **server_env(),
         "ENCLAVE_DATA_DIR": str(data_dir),
         "ENCLAVE_TOOL_PACKS": '["support", "tests.e2e.faulty_tools"]',
-        "ENCLAVE_TOOL_OPTIONS": '{"support": {"refund_limit": 50}}',
+        # Tenant beta starts with records of its own; every other tenant with the demo's.
+        "ENCLAVE_TOOL_OPTIONS": json.dumps({"support": {"refund_limit": 50, "seed": str(SUPPORT_SEED)}}),
         # The refund tests make more calls a minute than the pack's default limit allows.
         "ENCLAVE_TOOL_RATE_LIMITS": '{"create_refund": "100/minute"}',
         # A 2048-token window: the long-conversation test crosses it many times over in

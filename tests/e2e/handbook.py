@@ -3,6 +3,7 @@ sits in one known chunk."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 REFUNDS_MD = """# Refund policy
@@ -78,6 +79,53 @@ def tiny_pdf(lines: list[str]) -> bytes:
     out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return out
+
+
+def _pdf(objects: list[bytes]) -> bytes:
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for i, obj in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n".encode() + obj + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def _stream(data: bytes) -> bytes:
+    packed = zlib.compress(data, 9)
+    return f"<< /Length {len(packed)} /Filter /FlateDecode >>\nstream\n".encode() + packed + b"\nendstream"
+
+
+def many_pages_pdf(pages: int, lines_per_page: int = 1) -> bytes:
+    """A small PDF of many pages that all show one compressed content stream: a few
+    hundred kilobytes that read as `pages` times the text (hostile input for ingestion)."""
+    text = " ".join(f"(Line {i} of the same page text repeated on every page.) '" for i in range(lines_per_page))
+    kids = " ".join(f"{4 + i} 0 R" for i in range(pages))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    content = 4 + pages
+    objects += [
+        f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R /Resources << /Font << /F1 3 0 R >> >> >>".encode()
+        for _ in range(pages)
+    ]
+    objects.append(_stream(f"BT /F1 11 Tf 14 TL 72 720 Td {text} ET".encode()))
+    return _pdf(objects)
+
+
+def deep_page_tree_pdf(depth: int = 120) -> bytes:
+    """One page under `depth` nested page-tree nodes: past pypdf's own limit on page tree
+    depth, which it refuses with LimitReachedError."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    for level in range(depth):
+        objects.append(f"<< /Type /Pages /Kids [{level + 3} 0 R] /Count 1 >>".encode())
+    objects.append(b"<< /Type /Page /MediaBox [0 0 612 792] >>")
+    return _pdf(objects)
 
 
 def write_handbook(directory: Path) -> Path:

@@ -114,3 +114,38 @@ def test_client_disconnect_without_stream_aborts_generation(live_server):
             or live_server.metric("enclave_engine_unfinished_requests") != 0:
         assert time.monotonic() - closed_at < 1.0, "generation still running 1 s after the client left"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+    ],
+)
+def test_sampling_values_the_engine_cannot_take_are_400(live_server, body, param):
+    response = post(live_server, "/chat/completions", json={"model": "smollm2", "messages": MSG, "max_tokens": 8, **body})
+    assert assert_openai_error(response, 400)["param"] == param
+
+
+def test_the_largest_seed_is_taken(client):
+    reply = client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=2, seed=2**63 - 1)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("tokens", [[10**12], [-1, -2], [[1, 2], [99_999_999]]])
+def test_embedding_token_ids_outside_the_vocabulary_are_400(live_server, tokens):
+    response = post(live_server, "/embeddings", json={"model": "all-MiniLM-L6-v2", "input": tokens})
+    assert assert_openai_error(response, 400)["param"] == "input"
+
+
+def test_client_strings_cannot_forge_a_log_line(live_server):
+    forged = "ERROR enclave: forged by a client"
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 2, f"x\n{forged}": 1, "note\r\x1b[31m": "y"}
+    assert post(live_server, "/chat/completions", json=body).status_code == 200
+    time.sleep(0.5)
+    lines = live_server.log_path.read_text().splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    assert any("x\\nERROR enclave: forged by a client" in line for line in lines)
+    assert not any("\x1b" in line for line in lines)

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import LiveServer
+from tests.e2e.conftest import LiveServer, wait_indexed
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,9 @@ def poisoned_store(live_server) -> str:
     for attack in load("attacks.jsonl"):
         if attack["kind"] == "document":
             ids.append(client.files.create(file=(attack["filename"], attack["document"].encode()), purpose="assistants").id)
-    return client.vector_stores.create(name="redteam-docs", file_ids=ids).id
+    store = client.vector_stores.create(name="redteam-docs", file_ids=ids).id
+    wait_indexed(client, store)
+    return store
 
 
 def attempt(client: openai.OpenAI, attack: dict, store: str) -> tuple[bool, str]:

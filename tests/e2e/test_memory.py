@@ -235,6 +235,21 @@ def test_stores_are_isolated_per_tenant(live_server, state):
         client_for(live_server, "globex").responses.create(model=MODEL, input="refunds?", tools=[{"type": "file_search", "vector_store_ids": [state["store"]]}])
 
 
+@pytest.mark.parametrize(
+    ("filename", "offered"),
+    [("../../etc/passwd.txt", "passwd.txt"), ("<script>alert(1)</script>.html", "script_.html"), ("invoice\u202etxt.exe.md", "invoicetxt.exe.md")],
+)
+def test_downloads_are_attachments_under_a_safe_name(client, live_server, filename, offered):
+    uploaded = client.files.create(file=(filename, b"<html><script>alert(1)</script></html>"), purpose="assistants")
+    assert client.files.retrieve(uploaded.id).filename == filename  # kept as given
+    response = httpx.get(f"{live_server.base_url}/files/{uploaded.id}/content", headers=live_server.headers(), timeout=30)
+    assert response.content == b"<html><script>alert(1)</script></html>"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-type"] == "application/octet-stream"
+    disposition = response.headers["content-disposition"]
+    assert disposition.startswith(f'attachment; filename="{offered}"') and "/" not in disposition and "\u202e" not in disposition
+
+
 # ---------------------------------------------------------------- durability and forgetting
 
 

@@ -28,7 +28,7 @@ def fleet(tmp_path_factory, vllm_upstream):
     work = tmp_path_factory.mktemp("remote")
     data = work / "data"
     data.mkdir()
-    key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
+    key = create_key(data, "--tenant", "acme", "--user", "cust_1001", "--scope", "*", "--scope", "traces")
     port = free_port()
     env = server_env(ENCLAVE_DATA_DIR=str(data), ENCLAVE_UPSTREAMS=json.dumps([vllm_upstream.url]))
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key, "", data, work / "server.log", None, {}, port, env)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from server.toolcalls.tenancy import tenant_database
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e.conftest import (
     LiveServer,
@@ -49,8 +50,8 @@ def replicas(tmp_path_factory, postgres_admin, vllm_upstream):
     chroma_port = free_port()
     chroma = start_chroma(work / "chroma", chroma_port, work / "chroma.log")
     gate = TokenGate(f"http://127.0.0.1:{chroma_port}", "chroma-" + secrets.token_hex(8))
-    # One keys file, as a mounted secret would be; the support pack's backend (its own
-    # database, the customer's system the tools act on) is shared like any backend.
+    # One keys file, as a mounted secret would be; the support pack's backend (its
+    # tenants' databases, the customer's system the tools act on) is shared like any backend.
     keys_dir = work / "keys"
     keys_dir.mkdir()
     keys = {
@@ -63,7 +64,8 @@ def replicas(tmp_path_factory, postgres_admin, vllm_upstream):
         "ENCLAVE_CHROMA_URL": f"http://127.0.0.1:{chroma_port}",
         "ENCLAVE_UPSTREAMS": json.dumps([vllm_upstream.url]),
         "ENCLAVE_KEYS_FILE": str(keys_dir / "keys.json"),
-        "ENCLAVE_TOOL_OPTIONS": json.dumps({"support": {"database": str(work / "support.db"), "refund_limit": 50}}),
+        "ENCLAVE_PACK_DATA_DIR": str(work / "packs"),
+        "ENCLAVE_TOOL_OPTIONS": json.dumps({"support": {"refund_limit": 50}}),
     }
     servers = []
     for label in ("a", "b"):
@@ -92,7 +94,10 @@ def _client(server: LiveServer) -> openai.OpenAI:
 
 
 def _refunds(work, order: str) -> int:
-    with sqlite3.connect(work / "support.db") as conn:
+    path = tenant_database(work / "packs", "support", "acme")
+    if not path.exists():  # no tool of the tenant has run yet: no refund either
+        return 0
+    with sqlite3.connect(path) as conn:
         return conn.execute("SELECT COUNT(*) FROM refunds WHERE order_id = ?", (order,)).fetchone()[0]
 
 

@@ -57,7 +57,7 @@ def tiers(tmp_path_factory, vllm_upstream):
         (profiles / f"{name}.yaml").write_text(yaml.safe_dump(profile))
     data = work / "data"
     data.mkdir()
-    key = create_key(data, "--tenant", "acme", "--user", "cust_1001")
+    key = create_key(data, "--tenant", "acme", "--user", "cust_1001", "--scope", "*", "--scope", "traces")
     port = free_port()
     env = {
         **server_env(),

@@ -12,6 +12,8 @@ import jsonschema
 import openai
 import pytest
 
+from server.toolcalls.tenancy import tenant_database
+
 SCHEMAS: dict[str, tuple[str, dict]] = {
     "get_weather": (
         "What will the weather be in Paris over the next 3 days, in celsius?",
@@ -240,8 +242,8 @@ def support(live_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=live_server.base_url, api_key=live_server.keys["support"], max_retries=0, timeout=120)
 
 
-def _support_db(live_server) -> sqlite3.Connection:
-    return sqlite3.connect(live_server.data_dir / "support.db")
+def _support_db(live_server, tenant: str = "acme") -> sqlite3.Connection:
+    return sqlite3.connect(tenant_database(live_server.data_dir / "packs", "support", tenant))
 
 
 def _audit(live_server, tool: str) -> list[tuple]:

@@ -71,3 +71,24 @@ def test_keys_create_list_revoke(tmp_path):
     assert [r["id"] for r in listed] == [record["id"]]
     assert enclave("keys", "revoke", record["id"], "--data-dir", str(tmp_path)).returncode == 0
     assert enclave("keys", "revoke", record["id"], "--data-dir", str(tmp_path)).returncode == 2
+
+
+def test_keys_default_to_an_end_users_scopes_and_can_be_narrowed(tmp_path):
+    env = env_with(ENCLAVE_TOOL_PACKS='["support"]')
+    record = json.loads(enclave("keys", "create", "--tenant", "t1", "--user", "u1", "--data-dir", str(tmp_path), env=env).stdout)
+    assert record["scopes"] == ["chat", "embeddings", "models", "knowledge", "memory", "usage", "tools:support"]
+    legacy = json.loads(enclave("keys", "create", "--tenant", "t1", "--user", "ops", "--scope", "*", "--data-dir", str(tmp_path)).stdout)
+    narrowed = enclave("keys", "scopes", legacy["id"], "--scope", "chat", "--scope", "actions", "--data-dir", str(tmp_path))
+    assert narrowed.returncode == 0, narrowed.stderr
+    listed = {r["id"]: r["scopes"] for r in json.loads(enclave("keys", "list", "--data-dir", str(tmp_path)).stdout)}
+    assert listed[legacy["id"]] == ["chat", "actions"]
+    assert enclave("keys", "scopes", legacy["id"], "--data-dir", str(tmp_path)).returncode == 2  # no scopes given
+    typo = enclave("keys", "create", "--tenant", "t1", "--user", "u2", "--scope", "chats", "--data-dir", str(tmp_path))
+    assert typo.returncode == 2 and "unknown scope(s): chats" in typo.stderr
+
+
+def test_tools_check_passes_the_shipped_packs_and_fails_a_leaky_one(tmp_path):
+    fine = enclave("tools", "check", "--data-dir", str(tmp_path), timeout=120)
+    assert fine.returncode == 0 and "0 finding(s)" in fine.stdout, fine.stdout + fine.stderr
+    leaky = enclave("tools", "check", "--pack", "tests.server.leaky_tools", "--data-dir", str(tmp_path), timeout=120)
+    assert leaky.returncode == 1 and "crossing: leaky_tools.read_note" in leaky.stdout, leaky.stdout + leaky.stderr

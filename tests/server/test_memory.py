@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -162,12 +163,24 @@ def test_responses_stream_event_order(api, engine):
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "one two"
 
 
+def indexed(api, store: str, file_id: str, timeout: float = 60) -> dict:
+    """The store file once the ingestion workers are done with it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = api.get(f"/v1/vector_stores/{store}/files/{file_id}").json()
+        if row["status"] != "in_progress" or time.monotonic() > deadline:
+            return row
+        time.sleep(0.05)
+
+
 def test_replacing_a_file_by_name_replaces_its_chunks(api):
     store = api.post("/v1/vector_stores", json={"name": "kb"}).json()["id"]
 
     def add(text: str) -> dict:
         f = api.post("/v1/files", files={"file": ("faq.md", text.encode())}, data={"purpose": "assistants"}).json()
-        return api.post(f"/v1/vector_stores/{store}/files", json={"file_id": f["id"]}).json()
+        queued = api.post(f"/v1/vector_stores/{store}/files", json={"file_id": f["id"]}).json()
+        assert queued["status"] == "in_progress"
+        return indexed(api, store, f["id"])
 
     add("# FAQ\n\nThe office opens at nine.")
     assert add("# FAQ\n\nThe office opens at ten.")["status"] == "completed"

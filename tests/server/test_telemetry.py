@@ -111,6 +111,27 @@ def test_log_arguments_stay_positional_and_masked():
     assert "jo@example.com" not in record.getMessage()
 
 
+def test_client_strings_in_a_log_record_cannot_start_a_line_of_their_own():
+    install_log_redaction()
+    make = logging.getLogRecordFactory()
+    forged = "x\n2026-11-30 12:00:00,000 ERROR enclave: forged\r\x1b[2J\u202e"
+    by_args = make("enclave", logging.INFO, __file__, 1, "ignored request fields: %s", (forged,), None)
+    by_object = make("enclave", logging.INFO, __file__, 1, "failed: %s", (ValueError(forged),), None)
+    formatted = make("enclave", logging.INFO, __file__, 1, f"said {forged}", None, None)
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        import sys
+
+        with_traceback = make("enclave", logging.ERROR, __file__, 1, "boom %s", (forged,), sys.exc_info())
+    for record in (by_args, by_object, formatted):
+        message = record.getMessage()
+        assert "\n" not in message and "\r" not in message and "\x1b" not in message and "\u202e" not in message, message
+        assert "x\\n" in message  # shown, escaped
+    lines = with_traceback.getMessage().splitlines()
+    assert "\n" not in lines[0] and all(line.startswith("    ") for line in lines[1:])
+
+
 # ---------------------------------------------------------------- the pipeline
 
 

@@ -30,6 +30,7 @@ from server.toolcalls.constraint import (
 from server.toolcalls.executor import Executor
 from server.toolcalls.format import CallParser
 from server.toolcalls.registry import Registry, ToolContext, ToolError, tool
+from server.toolcalls.tenancy import tenant_database
 from tools import support
 
 ALICE = Principal("acme", "cust_1001", ("*",), key_id="k1")
@@ -201,23 +202,27 @@ def test_other_users_cannot_see_an_action(executor):
 
 
 def test_support_pack_scopes_records_to_the_customer(tmp_path):
-    support.configure(tmp_path / "support.db", refund_limit=50)
+    registry = Registry.load(["support"], data_root=tmp_path)
+    support.configure(refund_limit=50)
+    lookup, refund, handoff = (registry.get(name) for name in ("lookup_ticket", "create_refund", "handoff_to_agent"))
     alice = ToolContext("acme", "cust_1001", None, "r", idempotency_key="act_1")
-    assert support.lookup_ticket.call(alice, {"ticket_id": "T-1001"})["order_id"] == "ORD-5002"
+    assert lookup.call(alice, {"ticket_id": "T-1001"})["order_id"] == "ORD-5002"
     with pytest.raises(ToolError):
-        support.lookup_ticket.call(alice, {"ticket_id": "T-1003"})  # Bob's
+        lookup.call(alice, {"ticket_id": "T-1003"})  # Bob's
     with pytest.raises(ToolError, match="above 50.00"):
-        support.create_refund.call(alice, {"order_id": "ORD-5002", "amount": 60.0, "reason": "damaged"})
-    first = support.create_refund.call(alice, {"order_id": "ORD-5002", "amount": 20.0, "reason": "damaged"})
-    again = support.create_refund.call(alice, {"order_id": "ORD-5002", "amount": 20.0, "reason": "damaged"})
+        refund.call(alice, {"order_id": "ORD-5002", "amount": 60.0, "reason": "damaged"})
+    first = refund.call(alice, {"order_id": "ORD-5002", "amount": 20.0, "reason": "damaged"})
+    again = refund.call(alice, {"order_id": "ORD-5002", "amount": 20.0, "reason": "damaged"})
     assert first == again  # same idempotency key: one refund
-    with sqlite3.connect(tmp_path / "support.db") as conn:
+    acme_db = tenant_database(tmp_path, "support", "acme")
+    with sqlite3.connect(acme_db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM refunds").fetchone()[0] == 1
-    handoff = support.handoff_to_agent.call(ToolContext("acme", "cust_1001", None, "r", [{"role": "user", "content": "my dock is broken"}]), {"reason": "angry"})
-    with sqlite3.connect(tmp_path / "support.db") as conn:
-        assert "my dock is broken" in conn.execute("SELECT summary FROM handoffs WHERE id = ?", (handoff["handoff_id"],)).fetchone()[0]
-    support._store().reset()
-    with sqlite3.connect(tmp_path / "support.db") as conn:
+    done = handoff.call(ToolContext("acme", "cust_1001", None, "r", [{"role": "user", "content": "my dock is broken"}]), {"reason": "angry"})
+    with sqlite3.connect(acme_db) as conn:
+        assert "my dock is broken" in conn.execute("SELECT summary FROM handoffs WHERE id = ?", (done["handoff_id"],)).fetchone()[0]
+    with registry.data["support"].connect("acme") as conn:
+        support.reset_tenant_data(conn, "acme")
+    with sqlite3.connect(acme_db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM refunds").fetchone()[0] == 0
 
 

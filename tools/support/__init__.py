@@ -1,25 +1,29 @@
 """The customer-support pack: tickets, subscriptions, refunds and hand-off to a human.
 
 Every tool acts for the calling principal's customer (the API key's `user`, e.g.
-`cust_1001`) and never reads or changes another customer's records.
+`cust_1001`) in the calling tenant's own database (`ctx.data`), and never reads or
+changes another customer's records, nor any record of another tenant.
 
 Options (`tool_options: {"support": {...}}`):
   refund_limit   largest refund, in EUR, that the assistant may make (default 200)
-  database       path of the SQLite file (default <data_dir>/support.db)
+  seed           what a tenant's new database starts with: "demo" (default), "none", or
+                 a JSON file mapping tenants to records (tools/support/store.py: Seeds)
 """
 
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from server.errors import ConfigError
 from server.toolcalls.registry import ToolContext, ToolError, tool
-from tools.support.store import SupportStore
+from tools.support import store
 
-_state: dict[str, Any] = {"store": None, "refund_limit": 200.0}
+_state: dict[str, Any] = {"refund_limit": 200.0, "seeds": store.Seeds()}
 
 TicketId = Annotated[str, Field(pattern=r"^T-[0-9]{4}$", description="ticket id, e.g. T-1001")]
 # Reason codes, not free text: reports can group by them, and a small model cannot ramble.
@@ -28,40 +32,56 @@ OrderId = Annotated[str, Field(pattern=r"^ORD-[0-9]{4}$", description="order id,
 
 
 def setup(settings: Any) -> None:
-    options = settings.tool_options.get("support", {})
-    configure(Path(options.get("database") or Path(settings.data_dir) / "support.db"), float(options.get("refund_limit", 200)))
+    options = dict(settings.tool_options.get("support", {}))
+    if "database" in options:
+        raise ConfigError(
+            "ENCLAVE_TOOL_OPTIONS: support.database is gone: each tenant has its own database under ENCLAVE_PACK_DATA_DIR"
+        )
+    configure(float(options.get("refund_limit", 200)), options.get("seed", "demo"))
 
 
-def configure(path: Path, refund_limit: float = 200.0) -> SupportStore:
-    _state["store"] = SupportStore(path)
+def configure(refund_limit: float = 200.0, seed: Any = "demo") -> None:
     _state["refund_limit"] = refund_limit
-    return _state["store"]
+    _state["seeds"] = store.Seeds(seed)
 
 
-def _store() -> SupportStore:
-    if _state["store"] is None:
-        raise ToolError("the support database is not configured")
-    return _state["store"]
+def init_tenant_data(conn: sqlite3.Connection, tenant: str) -> None:
+    """A tenant's new database: the schema, and the records the `seed` option gives it."""
+    store.create_schema(conn)
+    store.seed(conn, _state["seeds"].for_tenant(tenant))
+
+
+def reset_tenant_data(conn: sqlite3.Connection, tenant: str) -> None:
+    """`enclave demo reset`: every record dropped, the tenant's seed records back."""
+    store.reset(conn, _state["seeds"].for_tenant(tenant))
+
+
+@contextmanager
+def _db(ctx: ToolContext) -> Iterator[sqlite3.Connection]:
+    if ctx.data is None:
+        raise ToolError("the support pack's data is not configured on this server")
+    with ctx.data.connect() as conn:
+        yield conn
 
 
 def _euros(cents: int) -> float:
     return round(cents / 100, 2)
 
 
-@tool(rate_limit="30/minute", retries=1, timeout=5)
+@tool(rate_limit="30/minute", retries=1, timeout=5, examples=[{"ticket_id": "T-1001"}])
 def lookup_ticket(ctx: ToolContext, ticket_id: TicketId) -> dict[str, Any]:
     """Look up one of the customer's support tickets by id (subject, status, details, related order)."""
-    with _store().connect() as conn:
+    with _db(ctx) as conn:
         row = conn.execute("SELECT * FROM tickets WHERE id = ? AND customer_id = ?", (ticket_id, ctx.user)).fetchone()
     if row is None:  # another customer's ticket looks exactly like a missing one
         raise ToolError(f"no ticket {ticket_id} was found for this customer")
     return {k: row[k] for k in ("id", "subject", "status", "order_id", "body", "opened_on")}
 
 
-@tool(rate_limit="30/minute", retries=1, timeout=5)
+@tool(rate_limit="30/minute", retries=1, timeout=5, examples=[{}])
 def check_subscription_status(ctx: ToolContext) -> dict[str, Any]:
     """Check the customer's subscription: plan, status (active, past_due, cancelled), renewal date and price."""
-    with _store().connect() as conn:
+    with _db(ctx) as conn:
         row = conn.execute("SELECT * FROM subscriptions WHERE customer_id = ?", (ctx.user,)).fetchone()
     if row is None:
         raise ToolError("this customer has no subscription")
@@ -83,15 +103,21 @@ def _refund_check(conn: sqlite3.Connection, ctx: ToolContext, order_id: str, amo
 
 def _precheck_refund(ctx: ToolContext, order_id: str, amount: float, reason: str) -> None:
     """Refuse before asking the user to confirm something that would fail anyway."""
-    with _store().connect() as conn:
+    with _db(ctx) as conn:
         _refund_check(conn, ctx, order_id, amount)
 
 
-@tool(destructive=True, rate_limit="5/minute", timeout=10, confirm="refund {amount:.2f} EUR on order {order_id} (reason: {reason})", precheck=_precheck_refund)
+@tool(
+    destructive=True,
+    rate_limit="5/minute",
+    timeout=10,
+    confirm="refund {amount:.2f} EUR on order {order_id} (reason: {reason})",
+    precheck=_precheck_refund,
+    examples=[{"order_id": "ORD-5002", "amount": 20.28, "reason": "damaged"}],
+)
 def create_refund(ctx: ToolContext, order_id: OrderId, amount: Annotated[float, Field(gt=0, le=10000, description="EUR")], reason: RefundReason) -> dict[str, Any]:
     """Refund part or all of one of the customer's orders to the original payment method."""
-    store = _store()
-    with store.connect() as conn:
+    with _db(ctx) as conn:
         conn.execute("BEGIN IMMEDIATE")  # check and insert under one write lock
         try:
             if ctx.idempotency_key:
@@ -118,13 +144,13 @@ def _conversation_summary(messages: list[dict[str, Any]], limit: int = 600) -> s
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-@tool(rate_limit="5/minute", timeout=5, idempotent=False)
+@tool(rate_limit="5/minute", timeout=5, idempotent=False, examples=[{"reason": "the customer asks for a person"}])
 def handoff_to_agent(ctx: ToolContext, reason: Annotated[str, Field(min_length=3, max_length=120)]) -> dict[str, Any]:
     """Hand the conversation over to a human support agent, with the reason; use it when you cannot help."""
     summary = _conversation_summary(ctx.messages)
-    with _store().connect() as conn:
+    with _db(ctx) as conn:
         cur = conn.execute(
             "INSERT INTO handoffs (customer_id, reason, summary, status, created_at) VALUES (?, ?, ?, 'queued', ?)",
-            (ctx.user, reason, summary or "(no conversation)", _store().now()),
+            (ctx.user, reason, summary or "(no conversation)", store.now()),
         )
     return {"handoff_id": cur.lastrowid, "status": "queued", "message": "A human agent will pick this up shortly."}
