@@ -93,8 +93,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     store = KeyStore(settings.resolved_keys_file)
-    if unknown(args.scope or []):
-        raise ConfigError(f"unknown scope(s): {', '.join(unknown(args.scope))} (see the README's table of scopes)")
+    typos = unknown(args.scope or [])
+    if typos:
+        raise ConfigError(f"unknown scope(s): {', '.join(typos)} (see the README's table of scopes)")
     if args.action == "create":
         if not args.tenant or not args.user:
             raise ConfigError("keys create needs --tenant and --user")

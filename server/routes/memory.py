@@ -1,8 +1,9 @@
 """GET /v1/memory, DELETE /v1/memory/{id}, DELETE /v1/memory?user=… (forget a user).
 
 A key with the `memory` scope sees and deletes its own user's memory; one with
-`memory:admin` may name any user of its tenant. Forgetting a user removes their memories from Chroma and
-every row that names them from SQL (conversations, turns, tool audit, actions).
+`memory:admin` may name any user of its tenant. Forgetting a user removes their
+memories from Chroma and every row that names them from SQL (conversations, turns,
+tool audit, actions).
 """
 
 from __future__ import annotations
