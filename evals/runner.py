@@ -255,6 +255,8 @@ def start_local_server() -> tuple[subprocess.Popen, str, str, Path]:
         **os.environ,
         "ENCLAVE_DATA_DIR": str(data),
         "HF_HUB_OFFLINE": "1",
+        # The golden set is the support desk's: its topics, voice and tool pack.
+        "ENCLAVE_DEPLOYMENT": "support",
         # The canary is part of every prompt: a fixed one makes runs comparable across restarts.
         "ENCLAVE_RAILS_CANARY": "enc-e7a1c0ffee",
         "ENCLAVE_TOOL_RATE_LIMITS": json.dumps({"create_refund": "10000/minute", "handoff_to_agent": "10000/minute", "lookup_ticket": "10000/minute"}),

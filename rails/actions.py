@@ -34,7 +34,10 @@ class _Policy:
         self.encoded = re.compile(rf"[A-Za-z0-9+/]{{{n},}}={{0,2}}|\b[0-9a-fA-F]{{{n},}}\b")
         topics = data.get("topics") or {}
         self.topic_threshold = float(topics.get("threshold", 0.2))
-        self.topic_min_words = int(topics.get("min_words", 4))
+        # Whole-message small talk ("thanks", "yes, go ahead") that needs no judging;
+        # everything else, however short, is judged by similarity.
+        talk = [f"(?:{p})" for p in topics.get("small_talk") or []]
+        self.small_talk = re.compile("|".join(talk), re.IGNORECASE) if talk else None
         self.topics = list(topics.get("allowed") or [])
         words = [re.escape(str(w)) for w in topics.get("keywords") or []]
         self.topic_keywords = re.compile(r"\b(" + "|".join(words) + r")\b", re.IGNORECASE) if words else None
@@ -128,8 +131,10 @@ async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any =
     embedding model)."""
     text = (text or "").strip()
     pol = policy(config)
-    if enclave is None or not pol.topics or len(text.split()) <= pol.topic_min_words:
+    if enclave is None or not pol.topics or not text:
         return RailOutcome.allow()
+    if pol.small_talk is not None and pol.small_talk.fullmatch(text.rstrip(" .!?,")):
+        return RailOutcome.allow(reason="small talk")
     if pol.topic_keywords is not None and pol.topic_keywords.search(text):
         return RailOutcome.allow(reason="support keyword")
     best = await enclave.topic_similarity(text, pol.topics)

@@ -83,7 +83,7 @@ def main() -> None:
     try:
         for name, rails in (("on", "true"), ("off", "false")):
             port = free_port()
-            env = {**os.environ, "ENCLAVE_DATA_DIR": str(work / name), "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS": rails}
+            env = {**os.environ, "ENCLAVE_DATA_DIR": str(work / name), "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS": rails, "ENCLAVE_DEPLOYMENT": "support"}
             procs[name] = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, work / f"{name}.log")
             wait_ready(f"http://127.0.0.1:{port}/ready", procs[name], work / f"{name}.log")
             clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=300)

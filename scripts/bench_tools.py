@@ -78,7 +78,7 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="enclave-bench-tools-"))
     port = free_port()
-    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "ENCLAVE_DEPLOYMENT": "support"}
     proc = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, data / "server.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}/ready", proc, data / "server.log")

@@ -24,6 +24,7 @@ from server.auth import KeyStore, authorize
 from server.checkpoints import verify
 from server.config import Settings
 from server.db import connect
+from server.deployments import load_deployment
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
 from server.engine.metered import MeteredEngine
@@ -42,7 +43,11 @@ from server.memory.ingestion import IngestWorker, lease_owner
 from server.memory.knowledge import KnowledgeBase
 from server.memory.parsing import Limits
 from server.memory.vectors import VectorStore
-from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.middleware import (
+    BodyLimitMiddleware,
+    DeadlineMiddleware,
+    RequestMetricsMiddleware,
+)
 from server.profiles import ModelProfile, find_profile
 from server.routes import (
     actions,
@@ -58,12 +63,13 @@ from server.routes import (
     usage,
     vector_stores,
 )
-from server.routing import Router
+from server.routing import Router, with_examples
 from server.scopes import route_scope
 from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN, Accounting, EngineClock
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
+from server.toolcalls.precompile import precompile
 from server.toolcalls.registry import Registry
 from server.turn import ChatServing
 
@@ -106,6 +112,7 @@ class Runtime:
         self.servings: dict[str, ChatServing] = {}
         self.router: Router | None = None
         self.ingest: IngestWorker | None = None
+        self._warming: asyncio.Task | None = None  # precompiling after an engine restart
 
     @property
     def served_names(self) -> list[str]:
@@ -136,7 +143,13 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.chat is not None and self.embedder is not None
+        return self.chat is not None and self.embedder is not None and self.engine_state == "serving"
+
+    @property
+    def engine_state(self) -> str:
+        """"serving", or the worst state of a supervised engine ("restarting", "failed")."""
+        states = {getattr(s.engine.inner, "state", "serving") for s in self.servings.values()}
+        return "failed" if "failed" in states else "restarting" if "restarting" in states else "serving"
 
     def attach(self, engine: Engine, embedder: Embedder | None, others: list[tuple[ModelProfile, Engine]] | None = None) -> None:
         self.embedder = embedder
@@ -167,12 +180,16 @@ class Runtime:
             return sum(s.engine.num_unfinished_requests() for s in servings)
 
         self.metrics.watch_engine(generations, getattr(engine.inner, "scheduler_counts", None))
+        for serving in servings:
+            start = getattr(serving.engine.inner, "start", None)
+            if start is not None:
+                start()  # a supervised engine's watcher
         self.chat = primary
         if self.memory is not None and embedder is not None:
             self.ingest = self._ingest_worker(embedder, generations)
             self.memory.knowledge.ingest = self.ingest
             self.ingest.start()
-        self.metrics.ready.set(1 if self.ready else 0)
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
 
     def _ingest_worker(self, embedder: Embedder, chats_running: Callable[[], int]) -> IngestWorker:
         s = self.settings
@@ -249,6 +266,7 @@ class Runtime:
             if self.guard is not None:
                 self.guard.bind(embedder, engine)
                 await self.guard.warm_up()
+            await self._precompile(engine)
         except Exception as exc:  # any failure here means the server cannot serve
             self.load_error = f"loading failed: {exc}"
             log.exception("loading the models failed; shutting down")
@@ -277,9 +295,34 @@ class Runtime:
             from server.engine.remote import RemoteEngine
 
             return RemoteEngine.load(profile, checkpoint, upstreams, self.settings.upstream_api_key)
+        from server.engine.supervisor import SupervisedEngine
         from server.engine.vllm import VllmEngine
 
-        return VllmEngine.load(profile, checkpoint, overrides)
+        queue_wait = self.metrics.engine_queue_wait.labels(model=profile.name).observe
+        cache = self.settings.data_dir / "cache" / "outlines" if self.settings.constraint_cache_mb else None
+
+        def load() -> Engine:
+            engine = VllmEngine.load(profile, checkpoint, overrides, constraint_cache=cache, constraint_cache_mb=self.settings.constraint_cache_mb)
+            engine.watch_queue(queue_wait)
+            return engine
+
+        def restarted(engine: Engine) -> None:
+            self.metrics.engine_restarts.labels(model=profile.name).inc()
+            # The tool packs' constraints again, before users need them (cheap: xgrammar
+            # compiles in milliseconds, outlines reads its on-disk cache).
+            self._warming = asyncio.get_running_loop().create_task(self._precompile(engine))
+
+        return SupervisedEngine(load(), load, give_up=self._give_up, on_restart=restarted)
+
+    async def _precompile(self, engine: Engine) -> None:
+        if self.executor is not None:
+            await precompile(engine, self.executor.registry)
+
+    def _give_up(self, why: str) -> None:
+        """An engine cannot be kept alive: stop the server with a non-zero exit (cli.py),
+        so the process supervisor restarts or replaces it."""
+        self.load_error = why
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def close(self) -> None:
         if self.ingest is not None:
@@ -388,10 +431,17 @@ def create_app(
     db = connect(settings.resolved_database_url)
     executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
     executor.metrics = metrics
+    deployment = load_deployment(settings.deployments_dir, settings.deployment)
+    if settings.routing is not None:
+        try:
+            settings.routing = with_examples(settings.routing, deployment.routing_examples)
+        except ValueError as exc:
+            raise ConfigError(f"routing (deployment {deployment.name}): {exc}") from None
     guard = None
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
-        guard = Guard(settings.rails_dir, metrics, settings.rails_canary)
+        rails_dirs = [settings.rails_dir] + ([deployment.rails_dir] if deployment.rails_dir else [])
+        guard = Guard(rails_dirs, metrics, settings.rails_canary)
         guard.audit = GuardAudit(db)
     memory_services = build_memory(settings, db, embedder)
     memory_services.metrics = metrics
@@ -443,5 +493,6 @@ def create_app(
         app.include_router(router)
     check_route_scopes(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(DeadlineMiddleware, timeout_s=settings.request_timeout_s, stall_s=settings.stall_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

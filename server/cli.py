@@ -17,7 +17,7 @@ log = logging.getLogger("enclave")
 def _settings(args: argparse.Namespace):
     from server.config import load_settings
 
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "model", "data_dir")}
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "model", "data_dir", "deployment")}
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
     return load_settings(getattr(args, "config", None), **overrides)
@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("keys with '*' (every end-user scope and tool pack, no operator scope unless named): %s; "
                  "narrow them with `enclave keys scopes KEY_ID --scope …`", ", ".join(wildcard))
     app = create_app(settings)
-    log.info("listening on http://%s:%d/v1 (model %s loads in the background; GET /ready)", settings.host, settings.port, settings.model)
+    log.info("listening on http://%s:%d/v1 (deployment %s; model %s loads in the background; GET /ready)", settings.host, settings.port, settings.deployment, settings.model)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
     load_error = app.state.runtime.load_error
     if load_error:
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file (keys as in ENCLAVE_* without the prefix)")
     common.add_argument("--data-dir", type=Path, help="state directory (ENCLAVE_DATA_DIR)")
+    common.add_argument("--deployment", help="what the server is for: general (default), support, or your own (ENCLAVE_DEPLOYMENT)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[common], help="start the API server")

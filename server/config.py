@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,11 @@ class Settings(BaseSettings):
     # Prepared checkpoints live apart from the data so a fresh data dir costs no re-prepare.
     models_dir: Path = Path("~/.cache/enclave/models")
     profiles_dir: Path = PROJECT_ROOT / "models"
+    # What the server is for (server/deployments.py): "general" (a general assistant) or
+    # "support" (the customer-support desk), or an operator's own directory beside them.
+    # Its settings are defaults under every other source.
+    deployment: str = Field("general", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    deployments_dir: Path = PROJECT_ROOT / "deployments"
     model: str = "smollm2-135m-instruct"
     # Directory of a sentence-transformers model; empty means the packaged all-MiniLM-L6-v2.
     embedding_model_path: Path | None = None
@@ -41,6 +48,12 @@ class Settings(BaseSettings):
     # Allow binding beyond loopback without API keys (the operator takes the risk).
     insecure: bool = False
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Server-side deadline of every request (clients may ask for less with the
+    # X-Enclave-Timeout header), and the longest the engine may go without producing any
+    # output, for any request, before waiting generations are stopped (a hung engine, not
+    # a busy one; server/deadlines.py): both end in a 504.
+    request_timeout_s: float = Field(600.0, gt=0)
+    stall_timeout_s: float = Field(120.0, gt=0)
     # /openapi.json, /docs and /redoc need a key like every other route unless this opens them.
     public_docs: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -55,14 +68,18 @@ class Settings(BaseSettings):
     engine_overrides: dict[str, Any] = Field(default_factory=dict)
     # SQLAlchemy URL of the relational state; empty means <data_dir>/enclave.db (SQLite).
     database_url: str | None = None
-    # Server-side tool packs (modules under tools/) this deployment enables.
-    tool_packs: list[str] = Field(default_factory=lambda: ["support"])
+    # Server-side tool packs (modules under tools/) enabled; the deployment names its own.
+    tool_packs: list[str] = Field(default_factory=list)
     # Per-pack options, e.g. {"support": {"refund_limit": 200}}; each pack documents its own.
     tool_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where tool packs keep each tenant's database (<dir>/<pack>/…); empty: <data_dir>/packs.
     pack_data_dir: Path | None = None
     # Per-tool rate limits per API key that override the packs' own, e.g. {"create_refund": "10/hour"}.
     tool_rate_limits: dict[str, str] = Field(default_factory=dict)
+    # On-disk cache of compiled output constraints (vLLM's outlines cache, under
+    # <data_dir>/cache/outlines), kept across restarts; emptied at start-up when it has
+    # grown past this many MB. 0: no disk cache (compiles are kept in memory only).
+    constraint_cache_mb: int = Field(1024, ge=0)
     # Model → tool → observation rounds per turn before the model must answer.
     max_tool_steps: int = Field(5, ge=1, le=20)
     # How long a destructive action waits for confirmation before it expires.
@@ -76,7 +93,8 @@ class Settings(BaseSettings):
     context_output_reserve: int = Field(512, ge=16)
     # Length cap of the running summary of older turns.
     summary_tokens: int = Field(160, ge=32, le=2048)
-    # Guardrails: a NeMo Guardrails configuration directory, run around every turn.
+    # Guardrails: the base NeMo Guardrails configuration directory, run around every turn
+    # with the deployment's own rails on top of it.
     rails: bool = True
     rails_dir: Path = PROJECT_ROOT / "rails"
     # The system-prompt canary the leak rail looks for; empty: a new random one per
@@ -102,7 +120,7 @@ class Settings(BaseSettings):
     # Hourly hardware cost (USD) for cost accounting; empty: the model profile's.
     cost_per_hour: float | None = Field(None, ge=0)
 
-    @field_validator("data_dir", "models_dir", "profiles_dir", "keys_file", "embedding_model_path", "pack_data_dir")
+    @field_validator("data_dir", "models_dir", "profiles_dir", "deployments_dir", "keys_file", "embedding_model_path", "pack_data_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -153,14 +171,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _chosen(name: str, overrides: dict[str, Any], file_data: dict[str, Any]) -> Any:
+    """A setting's value from the sources above the deployment's, before validation."""
+    for value in (overrides.get(name), os.environ.get(f"ENCLAVE_{name.upper()}"), file_data.get(name)):
+        if value is not None:
+            return value
+    return Settings.model_fields[name].default
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build Settings; a wrong value raises ConfigError naming the key to fix."""
+    """Build Settings; a wrong value raises ConfigError naming the key to fix.
+
+    Sources, lowest first: the defaults, the deployment's settings, the YAML file, the
+    ENCLAVE_* variables, then `overrides` (the CLI's flags)."""
+    from server.deployments import load_deployment
+
     file_data = _read_yaml(config_file) if config_file else {}
+    name = str(_chosen("deployment", overrides, file_data))
+    if not re.fullmatch(Settings.model_fields["deployment"].metadata[0].pattern, name):
+        raise ConfigError(f"invalid settings: deployment (ENCLAVE_DEPLOYMENT): {name!r} is not a deployment name")
+    deployment = load_deployment(Path(str(_chosen("deployments_dir", overrides, file_data))).expanduser(), name)
 
     class _Settings(Settings):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-            return (init_settings, env_settings, _YamlSource(settings_cls, file_data))
+            return (init_settings, env_settings, _YamlSource(settings_cls, file_data), _YamlSource(settings_cls, deployment.settings))
 
     try:
         values = _Settings(**{k: v for k, v in overrides.items() if v is not None})

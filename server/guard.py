@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from sqlalchemy import insert
 
 from server.db import guard_events
@@ -97,14 +98,57 @@ class RailServices:
         return text
 
 
-def _load_rails(path: Path) -> tuple[Any, dict[str, Any]]:
-    from nemoguardrails import LLMRails, RailsConfig
+def _overlay(base: Any, top: Any) -> Any:
+    """`top` over `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        return {**base, **{k: _overlay(base.get(k), v) for k, v in top.items()}}
+    return top
 
-    if not (path / "config.yml").is_file():
-        raise ConfigError(f"guardrails: {path}/config.yml not found (ENCLAVE_RAILS_DIR)")
+
+_DEFINE = re.compile(r"^define [^\n]+$", re.MULTILINE)
+
+
+def _colang_blocks(text: str) -> dict[str, str]:
+    """A Colang 1.0 file's top-level `define …` blocks, each up to the next, by its header
+    line (what a later directory's block of the same header replaces)."""
+    starts = [m.start() for m in _DEFINE.finditer(text)]
+    ends = starts[1:] + [len(text)]
+    return {text[s:e].split("\n", 1)[0].strip(): text[s:e] for s, e in zip(starts, ends)}
+
+
+def _read_config(paths: list[Path]) -> Any:
+    """The base configuration with each later directory on top (server/deployments.py
+    says how); NeMo loads actions.py from every one of them."""
+    from nemoguardrails import RailsConfig
+
+    raw: dict[str, Any] = {}
+    blocks: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        config_file = path / "config.yml"
+        if not config_file.is_file():
+            if i == 0:
+                raise ConfigError(f"guardrails: {config_file} not found (ENCLAVE_RAILS_DIR)")
+        else:
+            try:
+                raw = _overlay(raw, yaml.safe_load(config_file.read_text()) or {})
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"guardrails: {config_file} is not valid YAML: {exc}") from None
+        for colang in sorted(path.glob("*.co")):
+            blocks.update(_colang_blocks(colang.read_text()))
+    config = RailsConfig.from_content(colang_content="\n\n".join(blocks.values()), yaml_content=yaml.safe_dump(raw, sort_keys=False))
+    config.config_path = ",".join(str(p) for p in paths)
+    return config
+
+
+def _load_rails(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
+    from nemoguardrails import LLMRails
+
+    path = " + ".join(str(p) for p in paths)
     try:
-        config = RailsConfig.from_path(str(path))
+        config = _read_config(paths)
         main = LLMRails(config)
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - NeMo raises many types for a bad config; all mean the same
         raise ConfigError(f"guardrails: the configuration in {path} is invalid: {type(exc).__name__}: {exc}") from None
     rails = {"input": main, "output": main}
@@ -151,9 +195,10 @@ TOOL_RESULT_WITHHELD = '{"error": "the tool\'s result was withheld by the guardr
 
 
 class Guard:
-    def __init__(self, path: Path, metrics: Metrics, canary: str | None = None):
+    def __init__(self, paths: Path | list[Path], metrics: Metrics, canary: str | None = None):
+        """`paths`: the base rails directory, then the deployment's on top of it."""
         self.metrics = metrics
-        self.config, self._rails = _load_rails(path)
+        self.config, self._rails = _load_rails([paths] if isinstance(paths, Path) else list(paths))
         self.services = RailServices()
         self.audit: GuardAudit | None = None
         for r in {id(x): x for x in self._rails.values()}.values():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
-from server.errors import RequestTooLargeError
+from server import deadlines
+from server.errors import EnclaveError, InvalidRequestError, RequestTooLargeError
 from server.telemetry.metrics import Metrics
 
 
-async def _send_error(send, exc: RequestTooLargeError) -> None:
+async def _send_error(send, exc: EnclaveError) -> None:
     body = json.dumps(exc.to_body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
@@ -81,3 +84,39 @@ class RequestMetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(method=scope["method"], route=path, status=str(status)).inc()
+
+
+class DeadlineMiddleware:
+    """Every request runs under a server-side deadline (server/deadlines.py): the
+    server's, or a shorter one the client asks for in X-Enclave-Timeout."""
+
+    def __init__(self, app, timeout_s: float, stall_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+        self.stall_s = stall_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        timeout = self.timeout_s
+        raw = dict(scope["headers"]).get(deadlines.HEADER.encode())
+        if raw is not None:
+            try:
+                asked = float(raw.decode("latin-1"))
+            except ValueError:
+                asked = math.nan
+            if not (0 < asked <= self.timeout_s):
+                return await _send_error(
+                    send,
+                    InvalidRequestError(
+                        f"X-Enclave-Timeout must be a number of seconds above 0 and at most {self.timeout_s:g} (the server's limit).",
+                        param="X-Enclave-Timeout",
+                        code="invalid_timeout",
+                    ),
+                )
+            timeout = asked
+        token = deadlines.current.set(deadlines.Deadline(time.monotonic() + timeout, min(self.stall_s, timeout)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            deadlines.current.reset(token)

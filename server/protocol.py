@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.engine.base import GenerationParams, TokenLogprob
 from server.errors import ContextLengthExceededError, InvalidRequestError
 from server.toolcalls.constraint import ANY_OBJECT as JSON_OBJECT_SCHEMA
+from server.toolcalls.constraint import response_format_regex
 from server.toolcalls.format import call_text
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,9 @@ class ChatCompletionRequest(OpenAIModel):
             return JSON_OBJECT_SCHEMA
         assert fmt.json_schema is not None
         # OpenAI's default for a json_schema without a schema is "any JSON object".
-        return fmt.json_schema.schema_ or JSON_OBJECT_SCHEMA
+        schema = fmt.json_schema.schema_ or JSON_OBJECT_SCHEMA
+        response_format_regex(schema)  # a schema that cannot be enforced is a 400 now, not mid-stream
+        return schema
 
     def to_generation_params(self, prompt_tokens: int, max_model_len: int) -> GenerationParams:
         """Validate the request against the context window and build engine parameters."""
@@ -389,6 +392,17 @@ class ResponsesRequest(OpenAIModel):
     metadata: dict[str, str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
+    # Open Responses fields: sampling ones map onto chat completions; the rest are echoed.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tool_calls: int | None = Field(None, ge=1)
+    reasoning: dict[str, Any] | None = None
+    # Background mode needs a job store and polling; the server answers in the request.
+    background: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    safety_identifier: str | None = Field(None, max_length=64)
+    prompt_cache_key: str | None = Field(None, max_length=256)
 
     def conversation_name(self) -> str | None:
         conv = self.conversation

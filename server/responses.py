@@ -169,10 +169,9 @@ def chat_request(req: ResponsesRequest, tools: list[dict[str, Any]] | None, tool
         "max_completion_tokens": req.max_output_tokens,
         "response_format": _response_format(req.text),
     }
-    if req.temperature is not None:
-        fields["temperature"] = req.temperature
-    if req.top_p is not None:
-        fields["top_p"] = req.top_p
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if getattr(req, name) is not None:
+            fields[name] = getattr(req, name)
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValueError as exc:
@@ -180,6 +179,15 @@ def chat_request(req: ResponsesRequest, tools: list[dict[str, Any]] | None, tool
 
 
 # ---------------------------------------------------------------- response shaping
+
+
+def _echoed_tool(tool: Any) -> Any:
+    """A request's tool as the response echoes it: function tools with every field the
+    spec requires. `strict` defaults to true, as in OpenAI's Responses API; the server
+    constrains arguments to the schema either way."""
+    if isinstance(tool, dict) and tool.get("type") == "function":
+        return {"type": "function", "name": tool.get("name"), "description": tool.get("description"), "parameters": tool.get("parameters"), "strict": tool.get("strict", True)}
+    return tool
 
 
 class _Shape:
@@ -229,7 +237,7 @@ class _Shape:
         return out
 
     def message_item(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": self.annotations(text), "logprobs": []}] if status == "completed" else []
+        content = [{"type": "output_text", "text": text, "annotations": self.annotations(text), "logprobs": []}] if status != "in_progress" else []
         return {"id": self.msg_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def call_item(self, k: int, call: dict[str, str], status: str = "completed") -> dict[str, Any]:
@@ -249,19 +257,27 @@ class _Shape:
         items.extend(self.call_item(k, c) for k, c in enumerate(out.calls))
         return items
 
-    def response(self, status: str, output: list[dict[str, Any]], usage: Any = None, finish: str | None = None) -> dict[str, Any]:
+    def response(
+        self, status: str, output: list[dict[str, Any]], usage: Any = None, finish: str | None = None, error: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The ResponseResource, with every field the Open Responses spec requires, in
+        every state (in_progress, completed, incomplete, failed)."""
         req = self.req
         incomplete = None
         if finish == "length":
             status, incomplete = "incomplete", {"reason": "max_output_tokens"}
         elif finish == "content_filter":
             status, incomplete = "incomplete", {"reason": "content_filter"}
+        if incomplete is not None:
+            # The answer that was cut short or withheld is an incomplete item too.
+            output = [{**i, "status": "incomplete"} if i.get("type") == "message" else i for i in output]
         body: dict[str, Any] = {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
+            "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
             "status": status,
-            "error": None,
+            "error": error,
             "incomplete_details": incomplete,
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
@@ -272,13 +288,22 @@ class _Shape:
             "temperature": req.temperature if req.temperature is not None else 1.0,
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
-            "tools": req.tools or [],
+            "tools": [_echoed_tool(t) for t in req.tools or []],
             "top_p": req.top_p if req.top_p is not None else 1.0,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "top_logprobs": req.top_logprobs or 0,
+            "reasoning": req.reasoning,
+            "max_tool_calls": req.max_tool_calls,
             "truncation": req.truncation or "disabled",
             "usage": None,
             "user": req.user,
             "metadata": req.metadata or {},
             "store": req.store,
+            "background": False,
+            "service_tier": "default",
+            "safety_identifier": req.safety_identifier,
+            "prompt_cache_key": req.prompt_cache_key,
             "conversation": {"id": self.ctx.thread.conversation_id} if self.ctx.thread else None,
         }
         if usage is not None:
@@ -369,7 +394,10 @@ class ResponsesServing:
                 part = {"type": "output_text", "text": out.text, "annotations": shape.annotations(out.text), "logprobs": []}
                 frames.append(emit("response.output_text.done", item_id=shape.msg_id, output_index=index, content_index=0, text=out.text, logprobs=[]))
                 frames.append(emit("response.content_part.done", item_id=shape.msg_id, output_index=index, content_index=0, part=part))
-                items[index] = shape.message_item(out.text)
+                # Cut at max_output_tokens or withheld by a rail: the item is incomplete, as
+                # in the final response.
+                cut = out.finish_reason in ("length", "content_filter")
+                items[index] = shape.message_item(out.text, "incomplete" if cut else "completed")
                 frames.append(emit("response.output_item.done", output_index=index, item=items[index]))
             elif open_kind == "call":
                 k = len(out.calls) - 1
@@ -419,10 +447,18 @@ class ResponsesServing:
                 yield frame
             if not any(i["type"] == "message" for i in items) and not out.calls:
                 items.append(shape.message_item(""))  # an empty answer is still a message
-            yield emit("response.completed", response=self._final(turn, shape, items, self.chat.usage(progress), out.finish_reason))
+            final = self._final(turn, shape, items, self.chat.usage(progress), out.finish_reason)
+            # The terminal event names the outcome: response.incomplete for a truncated or
+            # deflected answer (the OpenAI Agents SDK keys on it), else response.completed.
+            yield emit("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
         except EnclaveError as exc:
             detail = exc.to_body()["error"]
             yield emit("error", code=detail.get("code"), message=detail.get("message"), param=detail.get("param"))
+            for item in items:
+                if item.get("status") == "in_progress":
+                    item["status"] = "incomplete"
+            failed = shape.response("failed", items, self.chat.usage(progress), error={"code": detail.get("code") or "server_error", "message": detail.get("message")})
+            yield emit("response.failed", response=failed)
         finally:
             await events.aclose()
             await self.chat.finish(turn, progress, "client_disconnected")

@@ -40,33 +40,6 @@ log = logging.getLogger(__name__)
 # Tool-audit outcomes that count as a failed tool call.
 FAILED_TOOL = ("error", "timeout")
 
-# Support-desk defaults; a deployment replaces them with its own (`routing.classifier`).
-ESCALATION_EXAMPLES = [
-    "I want to speak to a manager.",
-    "I want to file a formal complaint.",
-    "This is the third time I am contacting you and nothing has been fixed.",
-    "I will take legal action if this is not resolved.",
-    "Your service is unacceptable, I want compensation for the damage.",
-    "My account was charged several times and the refund you promised never arrived.",
-    "Nothing works, I have lost a week of business because of your product.",
-    "Escalate this please, your last answer was wrong.",
-    "I need a detailed explanation of why my contract was terminated.",
-    "Several orders are missing, the invoice is wrong and support keeps closing my tickets.",
-]
-ROUTINE_EXAMPLES = [
-    "Where is my parcel?",
-    "How long does delivery take?",
-    "What are your opening hours?",
-    "How do I reset my password?",
-    "What is the status of my ticket?",
-    "Can I change my delivery address?",
-    "Do you ship to Portugal?",
-    "Thanks, that helps.",
-    "Hello!",
-    "How do I return an item?",
-]
-
-
 class KeyRule(BaseModel):
     """Turns of a key, tenant or user (every field given must match) go to `tier`."""
 
@@ -94,8 +67,9 @@ class ClassifierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    escalation: list[str] = Field(default_factory=lambda: list(ESCALATION_EXAMPLES), min_length=1)
-    routine: list[str] = Field(default_factory=lambda: list(ROUTINE_EXAMPLES), min_length=1)
+    # Examples of each side; unset: the deployment's `routing_examples` (with_examples).
+    escalation: list[str] | None = Field(None, min_length=1)
+    routine: list[str] | None = Field(None, min_length=1)
     # Each side scores the mean similarity of its `k` nearest examples; the message
     # escalates when the escalation side wins by at least `margin`.
     k: int = Field(3, ge=1)
@@ -220,6 +194,18 @@ def has_failed_tool_result(messages: list[dict[str, Any]]) -> bool:
         if isinstance(value, dict) and value.get("error"):
             return True
     return False
+
+
+def with_examples(config: RoutingConfig, examples: Any) -> RoutingConfig:
+    """`config` with the classifier examples it leaves unset taken from the deployment's
+    (a RoutingExamples); ValueError when neither has them."""
+    classifier = config.classifier
+    if not classifier.enabled or (classifier.escalation and classifier.routine):
+        return config
+    if examples is None:
+        raise ValueError("routing.classifier needs escalation and routine examples: the deployment has no routing_examples")
+    update = {"escalation": classifier.escalation or list(examples.escalation), "routine": classifier.routine or list(examples.routine)}
+    return config.model_copy(update={"classifier": classifier.model_copy(update=update)})
 
 
 class EscalationClassifier:

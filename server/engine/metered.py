@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from server.deadlines import watched
 from server.engine.base import Engine, GenerationChunk, GenerationParams
 from server.telemetry import tracing
 from server.telemetry.cost import EngineClock, current_charge
@@ -22,6 +23,8 @@ class MeteredEngine:
         self.inner = inner
         self.clock = clock
         self.provider = provider
+        # When the engine last produced output for any request (the stall watch's clock).
+        self.last_output = 0.0
 
     def __getattr__(self, name: str) -> Any:
         # Everything but generate (tokenizer, limits, abort, counts) is the engine's own.
@@ -47,9 +50,12 @@ class MeteredEngine:
         tokens = 0
         finished: dict[int, str] = {}
         mark = self.clock.enter()
-        stream = self.inner.generate(request_id, prompt_token_ids, params)
+        inner = self.inner.generate(request_id, prompt_token_ids, params)
+        # Under the request's deadline: a stalled engine fails the request, never hangs it.
+        stream = watched(inner, lambda: self.inner.abort(request_id), lambda: self.last_output)
         try:
             async for chunk in stream:
+                self.last_output = time.monotonic()
                 if chunk.token_ids:
                     tokens += len(chunk.token_ids)
                     if first is None:
@@ -86,3 +92,4 @@ class MeteredEngine:
             )
             span.end()
             await stream.aclose()
+            await inner.aclose()

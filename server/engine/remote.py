@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
-from server.engine.vllm import JSON_WHITESPACE
+from server.toolcalls.constraint import response_format_regex
 from server.errors import EngineError, InvalidRequestError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class RemoteEngine:
         if params.regex is not None:
             body["structured_outputs"] = {"regex": params.regex}
         elif params.json_schema is not None:
-            body["structured_outputs"] = {"json": params.json_schema, "whitespace_pattern": JSON_WHITESPACE}
+            body["structured_outputs"] = {"regex": response_format_regex(params.json_schema)}
         return body
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:

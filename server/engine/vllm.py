@@ -16,16 +16,37 @@ from server.errors import (
     ServiceUnavailableError,
 )
 from server.profiles import ModelProfile
+from server.toolcalls.constraint import response_format_regex
 
 log = logging.getLogger(__name__)
 
-# Compact JSON under constraint: with free whitespace small models can emit newlines
-# until max_tokens without ever closing the object.
-JSON_WHITESPACE = r"[ ]?"
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def kv_bytes_per_token(checkpoint: Path, dtype: str) -> int | None:
+    """What one token of context costs in the KV cache: keys and values, every layer,
+    every KV head, from the checkpoint's config.json; None when it does not say."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    if not isinstance(layers, int) or not isinstance(heads, int):
+        return None
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
 def engine_arguments(profile: ModelProfile, checkpoint: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The AsyncEngineArgs for a profile; scripts/bench.py gives vLLM's server the same."""
+    """The AsyncEngineArgs for a profile; scripts/bench.py gives vLLM's server the same.
+
+    On a CPU the KV cache is sized from the profile (`kv_cache_sequences` full-context
+    sequences at the model's bytes per token) rather than vLLM's flat default; an explicit
+    `kv_cache_memory_bytes` (profile or ENCLAVE_ENGINE_OVERRIDES) or VLLM_CPU_KVCACHE_SPACE
+    (GiB, which vLLM applies over both) wins."""
     args: dict[str, Any] = {
         "model": str(checkpoint),
         "served_model_name": [profile.name],
@@ -35,6 +56,15 @@ def engine_arguments(profile: ModelProfile, checkpoint: Path, overrides: dict[st
     }
     args.update(profile.engine_args)
     args.update(overrides or {})
+    if profile.device == "cpu" and profile.kv_cache_sequences and "kv_cache_memory_bytes" not in args:
+        dtype = args.get("kv_cache_dtype") if args.get("kv_cache_dtype") not in (None, "auto") else args["dtype"]
+        per_token = kv_bytes_per_token(checkpoint, str(dtype))
+        if per_token is not None:
+            mib = 1 << 20
+            # vLLM's blocks and per-layer layout need a little more than the bare bytes:
+            # with none to spare it refuses to start ("not enough KV cache memory").
+            wanted = profile.kv_cache_sequences * int(args["max_model_len"]) * per_token * 17 // 16
+            args["kv_cache_memory_bytes"] = -(-wanted // mib) * mib  # whole MiB, rounded up
     return args
 
 
@@ -56,6 +86,18 @@ def api_server_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
+def prune_cache(directory: Path, limit_mb: int) -> None:
+    """Empty the constraint cache once it has grown past `limit_mb` (it holds one entry
+    per distinct tool set clients ever sent, and vLLM never evicts)."""
+    files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
+    size = sum(p.stat().st_size for p in files)
+    if size > limit_mb * (1 << 20):
+        log.info("constraint cache %s holds %.0f MB, over %d MB: emptying it", directory.name, size / (1 << 20), limit_mb)
+        for p in files:
+            p.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
 class VllmEngine:
     def __init__(self, llm: Any, tokenizer: Any, profile: ModelProfile, max_model_len: int):
         self._llm = llm
@@ -64,9 +106,21 @@ class VllmEngine:
         self.max_model_len = max_model_len
 
     @classmethod
-    def load(cls, profile: ModelProfile, checkpoint: Path, overrides: dict[str, Any] | None = None) -> "VllmEngine":
-        """Start the engine (blocking, ~25 s for SmolLM2 on 2 cores): call it in a thread."""
+    def load(
+        cls, profile: ModelProfile, checkpoint: Path, overrides: dict[str, Any] | None = None, *, constraint_cache: Path | None = None, constraint_cache_mb: int = 0
+    ) -> "VllmEngine":
+        """Start the engine (blocking, ~25 s for SmolLM2 on 2 cores): call it in a thread.
+
+        Constraint compiles get no wall-clock limit: vLLM's default (5 s) failed valid
+        schemas on a busy machine; their size is bounded before they get here
+        (server/toolcalls/constraint.py). With `constraint_cache`, compiled constraints
+        persist there across restarts (vLLM's outlines disk cache)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", "0")
+        if constraint_cache is not None:
+            prune_cache(constraint_cache, constraint_cache_mb)
+            os.environ.setdefault("VLLM_V1_USE_OUTLINES_CACHE", "1")
+            os.environ.setdefault("OUTLINES_CACHE_DIR", str(constraint_cache))
         for key, value in profile.env.items():
             os.environ.setdefault(key, value)
         from transformers import AutoTokenizer
@@ -84,6 +138,12 @@ class VllmEngine:
         engine = cls(llm, tokenizer, profile, max_len)
         engine._counts = counts
         return engine
+
+    def watch_queue(self, observe: Any) -> None:
+        """`observe(seconds)` for each request's wait in the engine's queue, as vLLM measures it."""
+        counts = getattr(self, "_counts", None)
+        if counts is not None:
+            counts.on_queued = observe
 
     def scheduler_counts(self) -> tuple[int, int]:
         """(running, waiting) as the engine's scheduler last reported them."""
@@ -108,7 +168,7 @@ class VllmEngine:
         if params.regex is not None:
             structured = StructuredOutputsParams(regex=params.regex)
         elif params.json_schema is not None:
-            structured = StructuredOutputsParams(json=params.json_schema, whitespace_pattern=JSON_WHITESPACE)
+            structured = StructuredOutputsParams(regex=response_format_regex(params.json_schema))
         return SamplingParams(
             n=params.n,
             max_tokens=params.max_tokens,
@@ -161,6 +221,10 @@ class VllmEngine:
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
 
+    def is_dead(self) -> bool:
+        """vLLM's own verdict: an engine-core process exited, or its output loop failed."""
+        return bool(self._llm.errored)
+
     async def shutdown(self) -> None:
         self._llm.shutdown()
 
@@ -172,6 +236,8 @@ class _SchedulerCounts:
     def __init__(self) -> None:
         self.running = 0
         self.waiting = 0
+        # Called with each finished request's seconds in the engine's queue (metrics).
+        self.on_queued: Any = None
 
     def factory(self) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -186,6 +252,9 @@ class _SchedulerCounts:
                 if scheduler_stats is not None:
                     counts.running = scheduler_stats.num_running_reqs
                     counts.waiting = scheduler_stats.num_waiting_reqs
+                if iteration_stats is not None and counts.on_queued is not None:
+                    for finished in iteration_stats.finished_requests:
+                        counts.on_queued(finished.queued_time)
 
             def log_engine_initialized(self) -> None:
                 pass

@@ -14,12 +14,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready", summary="Readiness: the engine and the embedding model are loaded.")
+@router.get("/ready", summary="Readiness: the engine and the embedding model are loaded and the engine is alive.")
 async def ready(request: Request) -> JSONResponse:
     runtime = request.app.state.runtime
     if runtime.ready:
         return JSONResponse({"status": "ready", "model": runtime.chat.model})
-    status = "failed" if runtime.load_error else "loading"
+    if runtime.load_error:
+        status = "failed"
+    elif runtime.chat is not None and runtime.engine_state != "serving":
+        status = f"engine_{runtime.engine_state}"  # engine_restarting (or engine_failed)
+    else:
+        status = "loading"
     return JSONResponse({"status": status}, status_code=503)
 
 

@@ -89,10 +89,14 @@ class Metrics:
         self.rail_verdicts = Counter("enclave_rail_verdicts", "Rail outcomes by rail", ["stage", "rail", "verdict"], registry=r)
         self.rail_quantiles = RecentQuantiles()
         r.register(self.rail_quantiles)
-        self.ready = Gauge("enclave_ready", "1 once the engine and embedder are loaded", registry=r)
+        self.ready = Gauge("enclave_ready", "1 while the engines and the embedder are loaded and serving", registry=r)
+        self.engine_restarts = Counter("enclave_engine_restarts", "Times a dead engine was loaded again by the server", ["model"], registry=r)
         # The engine scheduler's own view (vLLM's num_requests_running / _waiting).
         self.engine_running = Gauge("enclave_engine_requests_running", "Requests the engine is running", registry=r)
         self.engine_waiting = Gauge("enclave_engine_requests_waiting", "Requests queued in the engine, not yet scheduled", registry=r)
+        self.engine_queue_wait = Histogram(
+            "enclave_engine_queue_wait_seconds", "Time a request waited in the engine's queue before it was scheduled", ["model"], buckets=_LATENCY, registry=r
+        )
         # Cost: engine time attributed to turns (telemetry/cost.py) at the profile's price.
         self.cost = Counter("enclave_cost_usd", "Attributed engine cost in USD", ["model", "tenant"], registry=r)
         self.engine_seconds = Counter("enclave_engine_seconds_billed", "Engine seconds attributed to turns", ["model"], registry=r)

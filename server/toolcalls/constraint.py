@@ -1,8 +1,8 @@
-"""Tool schemas → one regular expression the engine enforces token by token.
+"""Tool schemas and response formats → one regular expression the engine enforces token
+by token (vLLM's xgrammar backend by default; outlines and guidance take the same regex).
 
-vLLM's `outlines` backend compiles a regex into an index over the vocabulary and caches
-it by the regex text, so a request that repeats a tool set pays no compile time; the
-regex itself is built here, once per tool set (LRU), because that is where we can:
+The regex is built here, once per tool set (LRU), rather than by the engine, because here
+we can:
 
 * name the tool whose schema cannot be compiled (a 400, not an engine failure);
 * enforce numeric bounds, which outlines-core's JSON-schema translator ignores: a
@@ -163,8 +163,63 @@ def _prepare(schema: Any, ranges: list[str]) -> Any:
     return node
 
 
+# Compile cost is bounded by design, not by a clock: vLLM's wall-clock limit on regex
+# compiles is switched off (VllmEngine.load), because on a busy machine it turned valid
+# schemas into 400s at random. What can make a compile blow up is refused here instead,
+# the same way on every machine: an over-long constraint (compile time grows with the
+# automaton, which grows with the regex), and the `pattern`s whose automata explode
+# (nested quantifiers; large counted repetitions).
+MAX_REGEX_CHARS = 200_000
+MAX_PATTERN_CHARS = 512
+MAX_PATTERN_REPEAT = 64
+
+
+def _check_pattern(pattern: str) -> None:
+    import re._parser as sre_parse  # the stdlib's own regex parser
+
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"a `pattern` is longer than {MAX_PATTERN_CHARS} characters")
+    try:
+        parsed = sre_parse.parse(pattern)
+    except Exception as exc:  # noqa: BLE001 - re.error and friends
+        raise ValueError(f"a `pattern` is not a valid regular expression: {exc}") from None
+    repeats = (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None))
+
+    def walk(items: Any, inside_repeat: bool) -> None:
+        for op, arg in items:
+            if op in repeats:
+                low, high, body = arg
+                bound = low if high == sre_parse.MAXREPEAT else high
+                if bound > MAX_PATTERN_REPEAT:
+                    raise ValueError(f"a `pattern` repeats more than {MAX_PATTERN_REPEAT} times; use maxLength instead")
+                if inside_repeat:
+                    raise ValueError("a `pattern` nests one quantifier inside another")
+                walk(body, True)
+            elif op == sre_parse.SUBPATTERN:
+                walk(arg[-1], inside_repeat)
+            elif op == sre_parse.BRANCH:
+                for branch in arg[1]:
+                    walk(branch, inside_repeat)
+
+    walk(parsed, False)
+
+
+def check_patterns(schema: Any) -> None:
+    """ValueError for a `pattern` anywhere in `schema` whose automaton could explode."""
+    if isinstance(schema, list):
+        for item in schema:
+            check_patterns(item)
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "pattern" and isinstance(value, str):
+                _check_pattern(value)
+            else:
+                check_patterns(value)
+
+
 def schema_regex(schema: dict[str, Any]) -> str:
     """The regex for one JSON schema; ValueError when it cannot be compiled."""
+    check_patterns(schema)
     ranges: list[str] = []
     prepared = _prepare(schema, ranges)
     regex = outlines_schema.build_regex_from_schema(json.dumps(prepared), WHITESPACE)
@@ -202,21 +257,40 @@ class ToolConstraint:
     regex: str
 
 
-@lru_cache(maxsize=256)
-def _tool_regex_cached(name: str, schema_json: str) -> str:
+@lru_cache(maxsize=512)
+def _schema_regex_cached(schema_json: str) -> str:
     return schema_regex(json.loads(schema_json))
+
+
+def _compiled(schema: dict[str, Any], what: str, param: str, code: str) -> str:
+    """`schema_regex`, cached by the schema's text (key order kept: it is the order the
+    output's keys must follow), with a 400 naming `what` on failure."""
+    try:
+        return _schema_regex_cached(json.dumps(schema))
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise InvalidRequestError(f"{what} cannot be compiled into an output constraint: {exc}", param=param, code=code) from None
+
+
+def _within_limit(regex: str, what: str, param: str, code: str) -> str:
+    if len(regex) > MAX_REGEX_CHARS:
+        raise InvalidRequestError(
+            f"{what} make an output constraint of {len(regex):,} characters, over the limit of {MAX_REGEX_CHARS:,}", param=param, code=code
+        )
+    return regex
+
+
+def response_format_regex(schema: dict[str, Any]) -> str:
+    """The regex for a `response_format` JSON schema. Engines are sent this rather than
+    the schema, so every structured-output backend enforces the same language as for tool
+    calls: compact JSON (free whitespace lets small models emit newlines until
+    max_tokens), numeric bounds, depth-limited open objects."""
+    regex = _compiled(schema, "response_format: the JSON schema", "response_format", "invalid_json_schema")
+    return _within_limit(regex, "response_format: the JSON schema's rules", "response_format", "invalid_json_schema")
 
 
 def tool_call_regex(name: str, parameters: dict[str, Any]) -> str:
     """Regex for one call object of tool `name`; a 400 that names the tool on failure."""
-    try:
-        args = _tool_regex_cached(name, json.dumps(parameters))
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:
-        raise InvalidRequestError(
-            f"tool `{name}`: its parameters schema cannot be compiled into an output constraint: {exc}",
-            param="tools",
-            code="invalid_tool_schema",
-        ) from None
+    args = _compiled(parameters, f"tool `{name}`: its parameters schema", "tools", "invalid_tool_schema")
     ws = WHITESPACE
     return rf'\{{{ws}"name"{ws}:{ws}"{_escape(name)}"{ws},{ws}"arguments"{ws}:{ws}{args}{ws}\}}'
 
@@ -228,4 +302,4 @@ def build_constraint(tools: list[tuple[str, dict[str, Any]]], *, allow_text: boo
     ws = WHITESPACE
     calls = rf"\[{ws}{one}(?:{ws},{ws}{one})*{ws}\]" if parallel else rf"\[{ws}{one}{ws}\]"
     regex = f"(?:{calls})|(?:{TEXT})" if allow_text else calls
-    return ToolConstraint(regex)
+    return ToolConstraint(_within_limit(regex, "the tools' parameter schemas (send fewer tools or smaller schemas)", "tools", "invalid_tool_schema"))

@@ -33,8 +33,10 @@ CANARY = "enc-e2e-canary"
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    """The environment of an `enclave serve` under test: offline, with the pinned canary."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS_CANARY": CANARY, **extra}
+    """The environment of an `enclave serve` under test: offline, with the pinned canary,
+    as the customer-support desk (the deployment most tests exercise; test_general.py
+    runs the default one)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS_CANARY": CANARY, "ENCLAVE_DEPLOYMENT": "support", **extra}
 
 
 @dataclass
@@ -95,7 +97,9 @@ def enclave(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 
 def create_key(data_dir: Path, *extra: str) -> str:
-    done = enclave("keys", "create", "--data-dir", str(data_dir), *extra)
+    # Made as the operator of the servers under test would: with their deployment (the
+    # support desk's default scopes include its tool pack).
+    done = enclave("keys", "create", "--data-dir", str(data_dir), *extra, env=server_env())
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["key"]
 

@@ -225,6 +225,9 @@ def test_tool_message_without_matching_call_is_rejected(client):
     [
         {"type": "object", "properties": {"code": {"type": "string", "pattern": "^(?=A)[A-Z]+$"}}},
         {"type": "object", "properties": {"ip": {"type": "string", "format": "ipv4"}}},
+        # Refused by design, the same on every machine, rather than by a compile timer.
+        {"type": "object", "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}}},
+        {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]{500}$"}}},
     ],
 )
 def test_schema_that_cannot_compile_gets_400_naming_the_tool(client, schema):
@@ -252,6 +255,12 @@ def _audit(live_server, tool: str) -> list[tuple]:
 
 
 SUPPORT = [{"type": "server", "name": "support"}]
+
+
+def test_the_support_packs_constraint_was_compiled_before_ready(live_server):
+    # The server compiled it at start-up (server/toolcalls/precompile.py): the first
+    # user of the pack does not pay for it.
+    assert "tool-call constraints ready: support" in live_server.log_path.read_text()
 
 
 def _named(name: str) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 
 from server.config import load_settings
 from server.engine.base import GenerationParams
-from server.engine.vllm import VllmEngine, _logprobs, engine_arguments
+from server.engine.vllm import VllmEngine, _logprobs, engine_arguments, kv_bytes_per_token
 from server.profiles import find_profile
 from server.protocol import JSON_OBJECT_SCHEMA
+from server.toolcalls.constraint import response_format_regex
 
 
 def test_engine_arguments_merge_profile_then_overrides():
@@ -18,7 +20,7 @@ def test_engine_arguments_merge_profile_then_overrides():
     args = engine_arguments(profile, Path("/ckpt"), {"max_num_seqs": 4})
     assert args["model"] == "/ckpt" and args["max_model_len"] == 8192 and args["dtype"] == "bfloat16"
     assert args["enforce_eager"] is True and args["max_num_seqs"] == 4
-    assert args["structured_outputs_config"] == {"backend": "outlines"}
+    assert args["structured_outputs_config"] == {"backend": "xgrammar"}
 
 
 def test_sampling_params_carry_every_field():
@@ -30,7 +32,8 @@ def test_sampling_params_carry_every_field():
     assert (sp.n, sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (2, 7, 0.5, 0.9, 5, 3)
     assert sp.stop == ["x"] and sp.ignore_eos and sp.logprobs == 2 and sp.min_tokens == 1
     assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (0.1, 0.2, 1.1)
-    assert sp.structured_outputs.json == JSON_OBJECT_SCHEMA
+    # A response format goes to the engine as the server's own regex of the schema.
+    assert sp.structured_outputs.json is None and sp.structured_outputs.regex == response_format_regex(JSON_OBJECT_SCHEMA)
 
 
 def test_logprobs_keep_top_k_in_rank_order_and_clamp_infinity():
@@ -40,3 +43,19 @@ def test_logprobs_keep_top_k_in_rank_order_and_clamp_infinity():
     [out] = _logprobs(entries, [9], 2)
     assert out.token == "z" and out.logprob == -3.0
     assert out.top == (("a", -0.1), ("b", -9999.0))
+
+
+def test_the_cpu_kv_cache_is_sized_from_the_profile_and_the_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}))
+    profile = find_profile(load_settings().profiles_dir, "smollm2")
+    per_token = 2 * 30 * 3 * 64 * 2  # K and V, layers, KV heads, head size, bf16
+    assert kv_bytes_per_token(tmp_path, "bfloat16") == per_token == 23040
+    args = engine_arguments(profile, tmp_path, {"max_model_len": 2048})
+    wanted = profile.kv_cache_sequences * 2048 * per_token * 17 // 16
+    assert wanted <= args["kv_cache_memory_bytes"] < wanted + (1 << 20) and args["kv_cache_memory_bytes"] % (1 << 20) == 0
+    # An explicit size wins; so does a GPU profile's own memory management.
+    assert engine_arguments(profile, tmp_path, {"kv_cache_memory_bytes": 123})["kv_cache_memory_bytes"] == 123
+    gpu = find_profile(load_settings().profiles_dir, "llama-3.1-8b")
+    assert "kv_cache_memory_bytes" not in engine_arguments(gpu, tmp_path)
+    # A checkpoint that does not say: vLLM's own default.
+    assert "kv_cache_memory_bytes" not in engine_arguments(profile, tmp_path / "nowhere")

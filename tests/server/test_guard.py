@@ -21,6 +21,8 @@ from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import iban_ok, luhn_ok, mask_pii
 
 RAILS = PROJECT_ROOT / "rails"
+# The support desk's rails on top of the base: every rail, topic scoping included.
+SUPPORT = [RAILS, PROJECT_ROOT / "deployments" / "support" / "rails"]
 
 
 def run(coro):
@@ -29,7 +31,7 @@ def run(coro):
 
 @pytest.fixture(scope="module")
 def guard():
-    return Guard(RAILS, Metrics())
+    return Guard(SUPPORT, Metrics())
 
 
 # ------------------------------------------------------------------ PII
@@ -126,7 +128,7 @@ def test_guard_records_per_rail_latency_quantiles(guard):
 def test_a_broken_rails_directory_fails_with_a_message_naming_it(tmp_path):
     broken = tmp_path / "rails"
     shutil.copytree(RAILS, broken, ignore=shutil.ignore_patterns("__pycache__"))
-    (broken / "config.yml").write_text((broken / "config.yml").read_text().replace("      - enclave off topic\n", "      - no such flow here\n"))
+    (broken / "config.yml").write_text((broken / "config.yml").read_text().replace("      - enclave jailbreak heuristics\n", "      - no such flow here\n"))
     with pytest.raises(ConfigError, match="rails"):
         Guard(broken, Metrics())
     with pytest.raises(ConfigError, match="config.yml not found"):

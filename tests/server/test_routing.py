@@ -50,7 +50,7 @@ def routed(tmp_path, embedder):
     vip, vip_record = keys.create("acme", "victor", ["chat", "traces"])
     routing = {"tiers": {"small": "tier-small", "large": "tier-large"}, "key_rules": [{"key_id": vip_record["id"], "tier": "large"}]}
     # The served model's price is overridden ($3600/h); the large tier keeps its profile's ($36/h).
-    settings = load_settings(data_dir=tmp_path, rails=False, routing=routing, cost_per_hour=3600.0)
+    settings = load_settings(data_dir=tmp_path, rails=False, routing=routing, cost_per_hour=3600.0, deployment="support")
     small = ScriptedEngine(served_model="tier-small", max_model_len=400, token_delay=0.002)
     large = ScriptedEngine(served_model="tier-large", max_model_len=300, token_delay=0.002)
     app = create_app(settings, engine=small, embedder=embedder, others=[(_profile("tier-large", "large", 36.0), large)])

@@ -25,6 +25,7 @@ from server.toolcalls.constraint import (
     build_constraint,
     integer_regex,
     number_regex,
+    response_format_regex,
     tool_call_regex,
 )
 from server.toolcalls.executor import Executor
@@ -232,7 +233,7 @@ def test_support_pack_scopes_records_to_the_customer(tmp_path):
 @pytest.fixture
 def scripted(tmp_path):
     engine = ScriptedEngine(served_model="scripted", max_model_len=4096)
-    with TestClient(create_app(load_settings(data_dir=tmp_path), engine=engine)) as api:
+    with TestClient(create_app(load_settings(data_dir=tmp_path, deployment="support"), engine=engine)) as api:
         yield engine, api
 
 
@@ -258,3 +259,50 @@ def test_tool_choice_without_tools_is_rejected(scripted):
     _, api = scripted
     r = api.post("/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "go"}], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+# ------------------------------------------------------------------ bounded compiles
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [("(a+)+b", "nests one quantifier"), ("[0-9]{100}", "more than 64 times"), ("x" * 600, "longer than 512"), ("(unclosed", "not a valid regular expression")],
+)
+def test_patterns_whose_automata_could_explode_are_refused_the_same_way_everywhere(pattern, why):
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": pattern}}}
+    with pytest.raises(InvalidRequestError) as err:
+        tool_call_regex("lookup", schema)
+    assert why in err.value.message and err.value.code == "invalid_tool_schema"
+    with pytest.raises(InvalidRequestError) as err:
+        response_format_regex(schema)
+    assert why in err.value.message and err.value.param == "response_format"
+
+
+def test_ordinary_patterns_and_bounds_compile():
+    regex_text = tool_call_regex("lookup", {"type": "object", "properties": {"id": {"type": "string", "pattern": "^ORD-[0-9]{4}$"}, "n": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["id", "n"]})
+    assert regex.fullmatch(regex_text, '{"name":"lookup","arguments":{"id":"ORD-1234","n":3}}')
+    assert not regex.fullmatch(regex_text, '{"name":"lookup","arguments":{"id":"ORD-1234","n":9}}')
+    # A response format is enforced as the same compact language, bounds included.
+    shaped = response_format_regex({"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["score"]})
+    assert regex.fullmatch(shaped, '{"score":4}') and not regex.fullmatch(shaped, '{"score":7}') and not regex.fullmatch(shaped, '{\n"score":4}')
+
+
+def test_an_oversized_tool_set_is_a_400_not_a_slow_compile():
+    tools = [(f"tool_{i}", {"type": "object", "properties": {f"field_{j}": {"type": "string", "enum": [f"value_{k}" for k in range(40)]} for j in range(20)}}) for i in range(40)]
+    with pytest.raises(InvalidRequestError, match="over the limit"):
+        build_constraint(tools, allow_text=True, parallel=True)
+
+
+def test_the_enabled_packs_are_precompiled_with_the_regex_a_request_uses(tmp_path):
+    from server.toolcalls.precompile import pack_constraints, precompile
+    from server.toolcalls.spec import plan_tools
+
+    registry = Registry.load(["support"], load_settings(data_dir=tmp_path))
+    engine = ScriptedEngine(["x"], served_model="scripted", max_model_len=512)
+    took = asyncio.run(precompile(engine, registry))
+    assert set(took) == {"support"} and len(engine.calls) == 1
+    call = engine.calls[0]
+    assert call.params.max_tokens == 1 and call.params.regex == pack_constraints(registry)["support"]
+    # The same regex as a request naming the pack builds, so the engine's cache hits.
+    plan = plan_tools([{"type": "server", "name": "support"}], None, None, registry, Principal("default", "u", ("*", "tools:support")))
+    assert build_constraint([(t.name, t.parameters) for t in plan.tools], allow_text=True, parallel=plan.parallel).regex == call.params.regex

@@ -1,0 +1,76 @@
+"""Deployments: what the server is for, chosen by one setting (ENCLAVE_DEPLOYMENT).
+
+A deployment is a directory, deployments/<name>/, holding:
+
+* `deployment.yaml`: a description, `settings` (defaults under the operator's own: the
+  settings file, ENCLAVE_* variables and flags all win over them) and, optionally, the
+  `routing_examples` the routing classifier starts from;
+* `rails/` (optional): guardrails on top of the base configuration in rails/. Its
+  config.yml replaces the base's values key by key (mappings merge, lists are replaced
+  whole, so a deployment states each stage's complete list of flows); its flows.co
+  replaces the base's flows and bot messages of the same name (the refusal voice).
+
+`general` (the default) is a general-purpose assistant: every safety rail, no topic
+scoping, no tool pack. `support` is the customer-support desk. Operators add their own
+directories beside them (ENCLAVE_DEPLOYMENTS_DIR) or in place of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.errors import ConfigError
+
+
+class RoutingExamples(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    escalation: list[str] = Field(min_length=1)
+    routine: list[str] = Field(min_length=1)
+
+
+class _DeploymentFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    routing_examples: RoutingExamples | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    path: Path
+    description: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    routing_examples: RoutingExamples | None = None
+
+    @property
+    def rails_dir(self) -> Path | None:
+        rails = self.path / "rails"
+        return rails if rails.is_dir() else None
+
+
+def available(deployments_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in deployments_dir.glob("*/deployment.yaml"))
+
+
+def load_deployment(deployments_dir: Path, name: str) -> Deployment:
+    """The deployment `name`; ConfigError naming the setting and what exists otherwise."""
+    path = deployments_dir / name
+    spec = path / "deployment.yaml"
+    if not spec.is_file():
+        known = ", ".join(available(deployments_dir)) or "none"
+        raise ConfigError(f"no deployment named {name!r} in {deployments_dir} (ENCLAVE_DEPLOYMENT; deployments: {known})")
+    try:
+        data = _DeploymentFile.model_validate(yaml.safe_load(spec.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"deployment {name}: {spec.name} is invalid: {exc}") from None
+    if "deployment" in data.settings or "deployments_dir" in data.settings:
+        raise ConfigError(f"deployment {name}: its settings cannot choose a deployment")
+    return Deployment(name, path, data.description, data.settings, data.routing_examples)
