@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from server.deployments import NAME as DEPLOYMENT_NAME
+from server.deployments import load_deployment
 from server.errors import ConfigError
 from server.routing import RoutingConfig
 
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
     # What the server is for (server/deployments.py): "general" (a general assistant) or
     # "support" (the customer-support desk), or an operator's own directory beside them.
     # Its settings are defaults under every other source.
-    deployment: str = Field("general", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    deployment: str = Field("general", pattern=f"^{DEPLOYMENT_NAME.pattern}$")
     deployments_dir: Path = PROJECT_ROOT / "deployments"
     model: str = "smollm2-135m-instruct"
     # Directory of a sentence-transformers model; empty means the packaged all-MiniLM-L6-v2.
@@ -184,12 +185,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     Sources, lowest first: the defaults, the deployment's settings, the YAML file, the
     ENCLAVE_* variables, then `overrides` (the CLI's flags)."""
-    from server.deployments import load_deployment
-
     file_data = _read_yaml(config_file) if config_file else {}
     name = str(_chosen("deployment", overrides, file_data))
-    if not re.fullmatch(Settings.model_fields["deployment"].metadata[0].pattern, name):
-        raise ConfigError(f"invalid settings: deployment (ENCLAVE_DEPLOYMENT): {name!r} is not a deployment name")
     deployment = load_deployment(Path(str(_chosen("deployments_dir", overrides, file_data))).expanduser(), name)
 
     class _Settings(Settings):

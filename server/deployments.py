@@ -17,6 +17,7 @@ directories beside them (ENCLAVE_DEPLOYMENTS_DIR) or in place of them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ConfigError
+
+
+# A plain directory name: no path separators, no leading dot.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RoutingExamples(BaseModel):
@@ -62,6 +67,8 @@ def available(deployments_dir: Path) -> list[str]:
 
 def load_deployment(deployments_dir: Path, name: str) -> Deployment:
     """The deployment `name`; ConfigError naming the setting and what exists otherwise."""
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"invalid settings: deployment (ENCLAVE_DEPLOYMENT): {name!r} is not a deployment name")
     path = deployments_dir / name
     spec = path / "deployment.yaml"
     if not spec.is_file():

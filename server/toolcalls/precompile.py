@@ -1,10 +1,10 @@
 """Compile the enabled tool packs' output constraints in the engine at start-up.
 
-A tool set's constraint is compiled by the engine the first time a request uses it
-(seconds on a CPU for a whole pack: the index covers every token of the vocabulary). The
-server's own packs are known in advance, so the server pays that before it reports
-ready, and again (from vLLM's on-disk cache, in milliseconds) after an engine restart,
-instead of the first user of each pack paying it.
+A tool set's constraint is compiled by the engine the first time a request uses it:
+milliseconds with xgrammar, seconds with outlines (its index covers every token of the
+vocabulary). The server's own packs are known in advance, so the server pays that before
+it reports ready, and again after an engine restart, instead of the first user of each
+pack paying it.
 """
 
 from __future__ import annotations

@@ -109,6 +109,16 @@ def test_a_client_deadline_outside_the_servers_is_refused(general):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_timeout"
 
 
+def test_a_clients_shorter_deadline_stops_a_long_generation_with_a_504(general):
+    body = {"model": MODEL, "messages": README_EXAMPLE, "max_tokens": 1500, "ignore_eos": True}
+    started = time.monotonic()
+    r = httpx.post(f"{general.base_url}/chat/completions", json=body, headers={"X-Enclave-Timeout": "2"}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert 2 <= time.monotonic() - started < 10
+    # The engine's own queue wait of every finished request is in /metrics.
+    assert general.metric("enclave_engine_queue_wait_seconds_count", model=MODEL) >= 1
+
+
 def test_a_stalled_engine_fails_the_request_within_the_stall_limit(general, readme_client):
     pids = engine_pids(general)
     assert pids, "no engine processes found under the server"
