@@ -35,7 +35,7 @@ from server.embedder import Embedder, packaged_model_dir
 from server.memory.ingestion import IngestWorker
 from server.memory.knowledge import KnowledgeBase
 from server.memory.parsing import Limits
-from server.memory.vectors import VectorStore
+from server.memory.vectors import ChromaCollections
 from tests.e2e.handbook import QUESTIONS, write_handbook
 
 TOPICS = ["refunds", "shipping", "passwords", "invoices", "warranty", "routers", "accounts", "returns", "billing", "privacy"]
@@ -57,7 +57,7 @@ def pct(values: list[float], q: float) -> float:
 async def ingest_and_search(args: argparse.Namespace, work: Path) -> None:
     embedder = Embedder(packaged_model_dir(), "all-MiniLM-L6-v2")
     db = connect(sqlite_url(work / "bench.db"))
-    kb = KnowledgeBase(db, VectorStore.open(work), embedder, work / "files")
+    kb = KnowledgeBase(db, ChromaCollections.open(work), embedder, work / "files")
     store = kb.create_store(ANONYMOUS, "bench", None)["id"]
     files = [kb.create_file(ANONYMOUS, f"doc{i}.md", synthetic_doc(i).encode(), "assistants")["id"] for i in range(args.docs)]
     # The server's own ingestion workers (parser process, bulk embedding, indexing).

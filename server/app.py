@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine as Database
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,6 +27,7 @@ from server.db import connect
 from server.deployments import load_deployment
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import Engine
+from server.engine.kinds import EngineSpec, load_engine
 from server.engine.metered import MeteredEngine
 from server.errors import (
     ConfigError,
@@ -35,14 +36,17 @@ from server.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from server.forgetting import Forgetter
 from server.guard import Guard, GuardAudit
+from server.handles import Late
 from server.memory.context import MemoryServices
 from server.memory.conversations import ConversationStore
 from server.memory.episodic import EpisodicMemory
 from server.memory.ingestion import IngestWorker, lease_owner
 from server.memory.knowledge import KnowledgeBase
 from server.memory.parsing import Limits
-from server.memory.vectors import VectorStore
+from server.memory.vectors import ChromaCollections
+from server.model_registry import ModelRegistry
 from server.middleware import (
     BodyLimitMiddleware,
     DeadlineMiddleware,
@@ -63,7 +67,7 @@ from server.routes import (
     usage,
     vector_stores,
 )
-from server.routing import Router, with_examples
+from server.routing import ModelRouter, with_examples
 from server.scopes import route_scope
 from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN, Accounting, EngineClock
 from server.telemetry.metrics import Metrics
@@ -71,7 +75,7 @@ from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
 from server.toolcalls.precompile import precompile
 from server.toolcalls.registry import Registry
-from server.turn import ChatServing
+from server.turn.pipeline import ChatServing
 
 log = logging.getLogger("enclave")
 
@@ -89,8 +93,13 @@ class Runtime:
         guard: Guard | None = None,
         tracing: Tracing | None = None,
         db: Database | None = None,
+        embedder: Late[Embedder] | None = None,
+        engine: Late[Engine] | None = None,
     ):
         self.settings = settings
+        # The models that load after start-up, shared with the services that use them.
+        self.embedder_handle: Late[Embedder] = embedder or Late()
+        self.engine_handle: Late[Engine] = engine or Late()
         self.tracing = tracing
         self.db = db
         self.accounting: Accounting | None = None
@@ -103,16 +112,19 @@ class Runtime:
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None
         self.chat: ChatServing | None = None
-        self.embedder: Embedder | None = None
         self.load_error: str | None = None
         self._engine: Engine | None = None
         # The other models routing needs (its tiers beyond `profile`), and every model's
         # serving by profile name once loaded.
         self.tier_profiles: list[tuple[ModelProfile, Path]] = []
-        self.servings: dict[str, ChatServing] = {}
-        self.router: Router | None = None
+        self.models = ModelRegistry(settings.embedding_model_name, self.started)
+        self.forgetter = Forgetter(db, memory.episodic, tracing) if memory is not None and db is not None else None
         self.ingest: IngestWorker | None = None
         self._warming: asyncio.Task | None = None  # precompiling after an engine restart
+
+    @property
+    def embedder(self) -> Embedder | None:
+        return self.embedder_handle.value
 
     @property
     def served_names(self) -> list[str]:
@@ -120,22 +132,19 @@ class Runtime:
             return self.profile.served_names
         return [self._engine.served_model] if self._engine else []
 
+    @property
+    def servings(self) -> dict[str, ChatServing]:
+        return self.models.servings
+
+    @property
+    def router(self) -> ModelRouter | None:
+        return self.models.router
+
     def select(self, model: str) -> ChatServing:
         """The serving a request names by model name or alias: the primary one when none
         does, which then answers with the right error (unknown or embedding model)."""
         primary = self.require_chat()
-        for serving in self.servings.values():
-            if model in serving.served_names:
-                return serving
-        return primary
-
-    @property
-    def model_name(self) -> str:
-        return self.served_names[0] if self.served_names else ""
-
-    @property
-    def max_model_len(self) -> int | None:
-        return self._engine.max_model_len if self._engine else (self.profile.context_length if self.profile else None)
+        return self.models.serving_for(model) or primary
 
     @property
     def embedding_name(self) -> str:
@@ -148,42 +157,30 @@ class Runtime:
     @property
     def engine_state(self) -> str:
         """"serving", or the worst state of a supervised engine ("restarting", "failed")."""
-        states = {getattr(s.engine.inner, "state", "serving") for s in self.servings.values()}
+        states = {s.engine.state for s in self.servings.values()}
         return "failed" if "failed" in states else "restarting" if "restarting" in states else "serving"
 
     def attach(self, engine: Engine, embedder: Embedder | None, others: list[tuple[ModelProfile, Engine]] | None = None) -> None:
-        self.embedder = embedder
         primary = self._serving(self.profile, engine, self.served_names, self.settings.cost_per_hour)
         engine = primary.engine
         self.accounting = primary.accounting
         self._engine = engine
-        if self.memory is not None:
-            self.memory.episodic.embedder = embedder
-            self.memory.knowledge.embedder = embedder
-        if self.guard is not None:
-            # Rails that call a model (self-check) use the primary one.
-            self.guard.bind(embedder, engine)
-            if self.memory is not None:
-                self.memory.guard = self.guard
-            if self.executor is not None:
-                self.executor.guard = self.guard
+        self.embedder_handle.set(embedder)
+        self.engine_handle.set(engine)  # rails that call a model (self-check) use the primary one
         servings = [primary, *(self._serving(profile, other, profile.served_names, None) for profile, other in others or [])]
-        self.servings = {s.model: s for s in servings}
+        for serving in servings:
+            self.models.add(serving)
         if self.settings.routing is not None:
-            self.router = Router(self.settings.routing, self.servings, embedder, self.db)  # type: ignore[arg-type]
+            self.models.router = ModelRouter(self.settings.routing, self.servings, embedder, self.db)  # type: ignore[arg-type]
             for serving in servings:
-                watch = getattr(serving.engine, "watch_health", None)
-                if watch is not None:
-                    watch()
+                serving.engine.watch_health()
 
         def generations() -> int:
             return sum(s.engine.num_unfinished_requests() for s in servings)
 
-        self.metrics.watch_engine(generations, getattr(engine.inner, "scheduler_counts", None))
+        self.metrics.watch_engine(generations, engine.scheduler_counts)
         for serving in servings:
-            start = getattr(serving.engine.inner, "start", None)
-            if start is not None:
-                start()  # a supervised engine's watcher
+            serving.engine.start()  # a supervised engine's watcher
         self.chat = primary
         if self.memory is not None and embedder is not None:
             self.ingest = self._ingest_worker(embedder, generations)
@@ -205,8 +202,8 @@ class Runtime:
             s.ingest_share,
             chats_running,
             owner=lease_owner(socket.gethostname(), s.port, s.data_dir.resolve()),
+            metrics=self.metrics,
         )
-        worker.metrics = self.metrics
         return worker
 
     def _serving(self, profile: ModelProfile | None, engine: Engine, served_names: list[str], price_override: float | None) -> ChatServing:
@@ -249,6 +246,11 @@ class Runtime:
             raise ServiceUnavailableError("conversations, memory and knowledge are not enabled on this server")
         return self.memory
 
+    def require_forgetter(self) -> Forgetter:
+        self.require_memory()
+        assert self.forgetter is not None
+        return self.forgetter
+
     def require_embedder(self) -> Embedder:
         if self.embedder is None:
             raise ServiceUnavailableError(self.load_error or "the embedding model is still loading; retry shortly")
@@ -263,8 +265,9 @@ class Runtime:
         """
         try:
             embedder, engine, others = await asyncio.to_thread(self._load_blocking)
+            self.embedder_handle.set(embedder)
+            self.engine_handle.set(engine)
             if self.guard is not None:
-                self.guard.bind(embedder, engine)
                 await self.guard.warm_up()
             await self._precompile(engine)
         except Exception as exc:  # any failure here means the server cannot serve
@@ -290,29 +293,14 @@ class Runtime:
         return embedder, engine, others
 
     def _load_engine(self, profile: ModelProfile, checkpoint: Path, upstreams: list[str], overrides: dict) -> Engine:
-        upstreams = upstreams or profile.upstreams
-        if upstreams:
-            from server.engine.remote import RemoteEngine
-
-            return RemoteEngine.load(profile, checkpoint, upstreams, self.settings.upstream_api_key)
-        from server.engine.supervisor import SupervisedEngine
-        from server.engine.vllm import VllmEngine
-
-        queue_wait = self.metrics.engine_queue_wait.labels(model=profile.name).observe
-        cache = self.settings.data_dir / "cache" / "outlines" if self.settings.constraint_cache_mb else None
-
-        def load() -> Engine:
-            engine = VllmEngine.load(profile, checkpoint, overrides, constraint_cache=cache, constraint_cache_mb=self.settings.constraint_cache_mb)
-            engine.watch_queue(queue_wait)
-            return engine
-
         def restarted(engine: Engine) -> None:
             self.metrics.engine_restarts.labels(model=profile.name).inc()
             # The tool packs' constraints again, before users need them (cheap: xgrammar
             # compiles in milliseconds, outlines reads its on-disk cache).
             self._warming = asyncio.get_running_loop().create_task(self._precompile(engine))
 
-        return SupervisedEngine(load(), load, give_up=self._give_up, on_restart=restarted)
+        spec = EngineSpec(profile, checkpoint, self.settings, self.metrics, upstreams or profile.upstreams, overrides, self._give_up, restarted)
+        return load_engine(spec)
 
     async def _precompile(self, engine: Engine) -> None:
         if self.executor is not None:
@@ -377,16 +365,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_json(EnclaveError("The server had an error while processing your request."))
 
 
-def build_memory(settings: Settings, db, embedder: Embedder | None) -> MemoryServices:
+def build_memory(settings: Settings, db: Database, embedder: Late[Embedder], guard: Guard | None, metrics: Metrics) -> MemoryServices:
     """Conversations (SQL) and vectors (Chroma) open before binding, like the database:
     an unreachable Chroma server stops start-up with the setting to fix."""
-    vectors = VectorStore.open(settings.data_dir, settings.chroma_url, settings.chroma_token)
+    vectors = ChromaCollections.open(settings.data_dir, settings.chroma_url, settings.chroma_token)
     return MemoryServices(
         ConversationStore(db),
         EpisodicMemory(db, vectors, embedder, settings.memory_recall_k),
         KnowledgeBase(db, vectors, embedder, settings.data_dir / "files"),
         output_reserve=settings.context_output_reserve,
         summary_tokens=settings.summary_tokens,
+        guard=guard,
+        metrics=metrics,
     )
 
 
@@ -429,27 +419,29 @@ def create_app(
     # Tool packs and the database open before binding: a bad pack name or database URL
     # stops start-up with a message instead of failing the first request.
     db = connect(settings.resolved_database_url)
-    executor = Executor(Registry.load(settings.tool_packs, settings), db, settings.action_ttl_s)
-    executor.metrics = metrics
+    registry = Registry.load(settings.tool_packs, settings)
     deployment = load_deployment(settings.deployments_dir, settings.deployment)
     if settings.routing is not None:
         try:
             settings.routing = with_examples(settings.routing, deployment.routing_examples)
         except ValueError as exc:
             raise ConfigError(f"routing (deployment {deployment.name}): {exc}") from None
+    # The services, built once and complete; the models they use arrive through handles.
+    embedder_handle: Late[Embedder] = Late(embedder)
+    engine_handle: Late[Engine] = Late()
     guard = None
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
         rails_dirs = [settings.rails_dir] + ([deployment.rails_dir] if deployment.rails_dir else [])
-        guard = Guard(rails_dirs, metrics, settings.rails_canary)
-        guard.audit = GuardAudit(db)
-    memory_services = build_memory(settings, db, embedder)
-    memory_services.metrics = metrics
+        guard = Guard(rails_dirs, metrics, settings.rails_canary, audit=GuardAudit(db), embedder=embedder_handle, engine=engine_handle)
+    executor = Executor(registry, db, settings.action_ttl_s, guard=guard, metrics=metrics)
+    memory_services = build_memory(settings, db, embedder_handle, guard, metrics)
     otlp = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
     tracing = Tracing(db, otlp, settings.trace_retention_days)
-    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard, tracing, db)
+    runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard, tracing, db, embedder_handle, engine_handle)
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
+        runtime.models.expected = (runtime.profile.served_names, runtime.profile.context_length)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
         runtime.tier_profiles = tier_profiles(settings, runtime.profile)
 

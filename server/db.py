@@ -24,7 +24,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine as Database
 
 metadata = MetaData()
 
@@ -250,7 +250,7 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def connect(url: str) -> Engine:
+def connect(url: str) -> Database:
     """An engine with the schema migrated to the newest revision. SQLite gets WAL and a busy timeout so
     concurrent writers (20 simultaneous approvals) queue instead of failing."""
     if url.startswith("sqlite:///"):
@@ -274,7 +274,7 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def purge_wal(engine: Engine) -> None:
+def purge_wal(engine: Database) -> None:
     """Fold SQLite's write-ahead log into the database and truncate it, so deleted rows
     do not linger in the -wal file (no-op elsewhere)."""
     if engine.dialect.name == "sqlite":

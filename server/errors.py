@@ -15,15 +15,17 @@ class EnclaveError(Exception):
     error_type = "server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status_code: int | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, status_code: int | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         if status_code is not None:
             self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-        # Response headers the error carries (a failed turn's trace id).
-        self.headers: dict[str, str] = {}
+        # Response headers the error carries (Retry-After; a failed turn's trace id).
+        self.headers: dict[str, str] = dict(headers or {})
 
     def to_body(self) -> dict:
         return {

@@ -20,23 +20,55 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from sqlalchemy import insert
+from nemoguardrails.rails.llm.options import RailStatus
+from sqlalchemy import delete, insert
 
 from server.db import guard_events
 from server.engine.base import GenerationParams
 from server.errors import ConfigError
+from server.handles import Late
+from server.ids import internal_id
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
 
-# Our stage name → the key of its flows in config.yml (NeMo's names for tools read
-# from the model's side: tool_output is the model's call, tool_input its result).
-STAGES = {"input": "input", "output": "output", "retrieval": "retrieval", "tool_call": "tool_output", "tool_result": "tool_input"}
+# NeMo's own verdict vocabulary: passed, modified (masked, neutralised, rewritten), blocked.
+Status = RailStatus
+
+
+class Stage(StrEnum):
+    """Where in a turn the rails run. The values are the metric labels and audit rows."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    RETRIEVAL = "retrieval"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    nemo_key: str  # the key of its flows in config.yml
+    runs_as: str  # the NeMo rail kind it runs as ("input" or "output")
+    hook: str  # where the turn calls it
+    on_block: str  # what a block does
+
+
+# NeMo's names for tools read from the model's side: tool_output is the model's call,
+# tool_input its result. The derived stages run as the input pass of their own LLMRails.
+STAGES: dict[Stage, StageSpec] = {
+    Stage.INPUT: StageSpec("input", "input", "turn.input_gate", "the turn is refused (content_filter); nothing is generated, stored or remembered"),
+    Stage.OUTPUT: StageSpec("output", "output", "turn.output_guard (checked windows)", "the choice ends with the refusal (content_filter)"),
+    Stage.RETRIEVAL: StageSpec("retrieval", "input", "memory.context (each retrieved chunk)", "the chunk is left out of the context"),
+    Stage.TOOL_CALL: StageSpec("tool_output", "input", "toolcalls.executor (before a tool runs)", "the call is not run; the model reads an error result"),
+    Stage.TOOL_RESULT: StageSpec("tool_input", "input", "turn.input_gate, toolcalls.executor (before the model reads a result)", "the result is withheld"),
+}
 
 
 @dataclass
@@ -55,7 +87,7 @@ class GuardEvent:
 @dataclass
 class Verdict:
     stage: str
-    status: str  # "passed" | "modified" | "blocked"
+    status: Status
     text: str  # the text to use: rewritten, or for a block the refusal
     rail: str | None = None
     reason: str | None = None
@@ -63,17 +95,26 @@ class Verdict:
 
     @property
     def blocked(self) -> bool:
-        return self.status == "blocked"
+        return self.status == Status.BLOCKED
 
 
 class RailServices:
     """What the actions in rails/actions.py may use from the server (the `enclave`
     action parameter): the local embedding model and the engine."""
 
-    def __init__(self) -> None:
-        self.embedder: Any = None
-        self.engine: Any = None
+    def __init__(self, embedder: Late[Any] | None = None, engine: Late[Any] | None = None) -> None:
+        # Loaded after the rails: handles, filled when the models are (Guard.bind).
+        self.embedder_handle = embedder or Late()
+        self.engine_handle = engine or Late()
         self._topic_vectors: dict[tuple[str, ...], np.ndarray] = {}
+
+    @property
+    def embedder(self) -> Any:
+        return self.embedder_handle.value
+
+    @property
+    def engine(self) -> Any:
+        return self.engine_handle.value
 
     async def topic_similarity(self, text: str, topics: list[str]) -> float:
         if self.embedder is None:  # no model to judge with (an app built without one)
@@ -93,7 +134,7 @@ class RailServices:
         ids = self.engine.render_chat([{"role": "user", "content": prompt}])
         params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
         text = ""
-        async for chunk in self.engine.generate(f"guard-{secrets.token_hex(6)}", ids, params):
+        async for chunk in self.engine.generate(internal_id("guard"), ids, params):
             text += chunk.text
         return text
 
@@ -151,9 +192,10 @@ def _load_rails(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
         raise
     except Exception as exc:  # noqa: BLE001 - NeMo raises many types for a bad config; all mean the same
         raise ConfigError(f"guardrails: the configuration in {path} is invalid: {type(exc).__name__}: {exc}") from None
-    rails = {"input": main, "output": main}
-    for stage in ("retrieval", "tool_call", "tool_result"):
-        flows = list(getattr(config.rails, STAGES[stage]).flows)
+    rails = {Stage.INPUT.value: main, Stage.OUTPUT.value: main}
+    # The other stages get an LLMRails of their own, whose input rails are their flows.
+    for stage in (s.value for s in Stage if s not in (Stage.INPUT, Stage.OUTPUT)):
+        flows = list(getattr(config.rails, STAGES[Stage(stage)].nemo_key).flows)
         if not flows:
             continue
         derived = config.model_copy(deep=True)
@@ -162,7 +204,7 @@ def _load_rails(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
         try:
             rails[stage] = LLMRails(derived)
         except Exception as exc:  # noqa: BLE001 - as above
-            raise ConfigError(f"guardrails: the {STAGES[stage]} rails in {path} are invalid: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(f"guardrails: the {STAGES[Stage(stage)].nemo_key} rails in {path} are invalid: {type(exc).__name__}: {exc}") from None
     library = _library_flow_names()
     for r in {id(x): x for x in rails.values()}.values():
         _prune_library_flows(r, library)
@@ -183,7 +225,7 @@ def _prune_library_flows(rails: Any, library: set[str]) -> None:
     all ~80 of them into every configuration, and its Colang 1.0 runtime steps through
     each flow on each event: unused ones cost about a fifth of every check."""
     used: set[str] = set()
-    for key in STAGES.values():
+    for key in (spec.nemo_key for spec in STAGES.values()):
         used |= set(getattr(rails.config.rails, key).flows)
     flows = getattr(rails.runtime, "flow_configs", None)
     if isinstance(flows, dict):
@@ -195,12 +237,22 @@ TOOL_RESULT_WITHHELD = '{"error": "the tool\'s result was withheld by the guardr
 
 
 class Guard:
-    def __init__(self, paths: Path | list[Path], metrics: Metrics, canary: str | None = None):
-        """`paths`: the base rails directory, then the deployment's on top of it."""
+    def __init__(
+        self,
+        paths: Path | list[Path],
+        metrics: Metrics,
+        canary: str | None = None,
+        *,
+        audit: GuardAudit | None = None,
+        embedder: Late[Any] | None = None,
+        engine: Late[Any] | None = None,
+    ):
+        """`paths`: the base rails directory, then the deployment's on top of it.
+        `embedder`, `engine`: handles of the models rails may use, filled once loaded."""
         self.metrics = metrics
         self.config, self._rails = _load_rails([paths] if isinstance(paths, Path) else list(paths))
-        self.services = RailServices()
-        self.audit: GuardAudit | None = None
+        self.services = RailServices(embedder, engine)
+        self.audit = audit
         for r in {id(x): x for x in self._rails.values()}.values():
             r.register_action_param("enclave", self.services)
         # A secret marker in every system prompt: an answer that repeats it is leaking
@@ -214,11 +266,11 @@ class Guard:
         self._removed_marker = (enclave.get("instructions_in_data") or {}).get("replacement", "[instruction removed]")
 
     def bind(self, embedder: Any, engine: Any) -> None:
-        self.services.embedder = embedder
-        self.services.engine = engine
+        self.services.embedder_handle.set(embedder)
+        self.services.engine_handle.set(engine)
 
     def has(self, stage: str) -> bool:
-        return stage in self._rails and bool(getattr(self.config.rails, STAGES[stage]).flows)
+        return stage in self._rails and bool(getattr(self.config.rails, STAGES[Stage(stage)].nemo_key).flows)
 
     async def warm_up(self) -> None:
         """Run each stage once, so that the first user does not pay for lazy set-up
@@ -228,13 +280,14 @@ class Guard:
                 await self.check(stage, "Hello, where is my order?")
 
     async def check(self, stage: str, text: str, context: dict[str, Any] | None = None) -> Verdict:
+        stage = Stage(stage).value  # a plain string in labels, spans and audit rows
         if not self.has(stage):
-            return Verdict(stage, "passed", text)
+            return Verdict(stage, Status.PASSED, text)
         rails = self._rails[stage]
         messages: list[dict[str, Any]] = []
         if context:
             messages.append({"role": "context", "content": context})
-        kind = "output" if stage == "output" else "input"
+        kind = STAGES[Stage(stage)].runs_as
         if kind == "output":
             messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
         else:
@@ -268,13 +321,13 @@ class Guard:
                         enclave__guard__verdict=verdict,
                         enclave__guard__reason=_reason(rail, outcome) or None,
                     )
-            status = "blocked" if blocked is not None else "modified" if content != text else "passed"
-            tracing.set_attributes(span, enclave__guard__verdict=status, enclave__guard__rail=blocked.rail if blocked else None)
+            status = Status.BLOCKED if blocked is not None else Status.MODIFIED if content != text else Status.PASSED
+            tracing.set_attributes(span, enclave__guard__verdict=status.value, enclave__guard__rail=blocked.rail if blocked else None)
         if blocked is not None:
-            return Verdict(stage, "blocked", content or self.refusal, blocked.rail, blocked.reason, events)
+            return Verdict(stage, Status.BLOCKED, content or self.refusal, blocked.rail, blocked.reason, events)
         if content != text:
-            return Verdict(stage, "modified", content, events=events)
-        return Verdict(stage, "passed", text, events=events)
+            return Verdict(stage, Status.MODIFIED, content, events=events)
+        return Verdict(stage, Status.PASSED, text, events=events)
 
     async def tool_result(self, content: str) -> tuple[str, list[GuardEvent]]:
         """A tool's result as the model may read it: instructions neutralised, personal
@@ -310,11 +363,12 @@ def _outcome(rail: Any) -> Any:
 
 
 def _verdict(rail: Any, outcome: Any) -> str:
+    """A rail's verdict as a metric label value."""
     if rail.stop:
-        return "blocked"
+        return Status.BLOCKED.value
     if outcome is not None and getattr(outcome, "is_transform", False):
-        return "modified"
-    return "passed"
+        return Status.MODIFIED.value
+    return Status.PASSED.value
 
 
 def _reason(rail: Any, outcome: Any) -> str:
@@ -430,6 +484,10 @@ class GuardAudit:
 
     def __init__(self, db: Any):
         self.db = db
+
+    @staticmethod
+    def forget(conn: Any, tenant: str, user: str) -> dict[str, int]:
+        return {"guard_events": conn.execute(delete(guard_events).where(guard_events.c.tenant == tenant, guard_events.c.user == user)).rowcount or 0}
 
     def write(self, request_id: str, tenant: str, user: str, events: list[GuardEvent]) -> None:
         if not events:

@@ -20,7 +20,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Engine as Database
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The revision that matches the schema every pre-migration database already has.
@@ -42,13 +43,13 @@ def head() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
 
 
-def current(engine: Engine) -> str | None:
+def current(engine: Database) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 @contextmanager
-def _file_lock(engine: Engine) -> Iterator[None]:
+def _file_lock(engine: Database) -> Iterator[None]:
     """SQLite takes its write lock only at the first write, so processes sharing a file
     (a server and `enclave db upgrade`) would all see an empty schema: lock a file beside it."""
     database = engine.url.database
@@ -63,7 +64,7 @@ def _file_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Database, revision: str = "head") -> None:
     with _local_lock, _file_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")

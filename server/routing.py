@@ -29,11 +29,12 @@ from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import or_, select
 from sqlalchemy.engine import Engine as Database
 
 from server.auth import Principal
-from server.db import conversations, tool_audit, turns, usage_records
+from server.memory.conversations import ConversationStore
+from server.telemetry.cost import UsageLedger
+from server.toolcalls.audit import ToolAudit
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +237,23 @@ class EscalationClassifier:
         return side(escalation), side(routine)
 
 
-class Router:
+@dataclass
+class ConversationSignals:
+    """The stores the router reads a conversation's last turn from."""
+
+    conversations: ConversationStore
+    usage: UsageLedger
+    tool_audit: ToolAudit
+
+
+class ModelRouter:
     def __init__(self, config: RoutingConfig, servings: dict[str, Serving], embedder: Any, db: Database | None):
         missing = sorted(m for m in config.tiers.values() if m not in servings)
         if missing:
             raise ValueError(f"routing names models that are not loaded: {', '.join(missing)}")
         self.config = config
         self.servings = servings
-        self.db = db
+        self.signals = ConversationSignals(ConversationStore(db), UsageLedger(db), ToolAudit(db)) if db is not None else None
         self.classifier = EscalationClassifier(config.classifier, embedder) if config.classifier.enabled and embedder is not None else None
 
     @property
@@ -288,36 +298,21 @@ class Router:
 
     def _conversation_signal(self, principal: Principal, request: RouteRequest) -> str | None:
         """What the conversation's previous turn says: it was escalated, it called an
-        escalation tool, or one of its tool calls failed."""
-        if self.db is None:
+        escalation tool, or one of its tool calls failed (each read from the store that
+        owns it: the conversation, its usage, its tool calls)."""
+        if self.signals is None:
             return None
-        with self.db.connect() as conn:
-            if request.previous_response_id:
-                conversation_id = conn.execute(
-                    select(turns.c.conversation_id).where(turns.c.id == request.previous_response_id, turns.c.tenant == principal.tenant, turns.c.user == principal.user)
-                ).scalar()
-            else:
-                # A client's name for it (chat completions) or its id (the Responses API).
-                named = or_(conversations.c.name == request.conversation, conversations.c.id == request.conversation)
-                conversation_id = conn.execute(
-                    select(conversations.c.id).where(conversations.c.tenant == principal.tenant, conversations.c.user == principal.user, named).limit(1)
-                ).scalar()
-            if conversation_id is None:
-                return None
-            last = conn.execute(
-                select(usage_records.c.request_id, usage_records.c.model)
-                .where(usage_records.c.conversation_id == conversation_id)
-                .order_by(usage_records.c.at.desc())
-                .limit(1)
-            ).first()
-            if last is None:
-                return None
-            escalated_model = self.config.tiers[self.config.escalation_tier or ""]
-            if self.config.sticky_escalation and last.model == escalated_model and self.config.default_tier != self.config.escalation_tier:
-                return "escalated_conversation"
-            calls = conn.execute(select(tool_audit.c.tool, tool_audit.c.status).where(tool_audit.c.request_id == last.request_id)).all()
-            if any(call.tool in self.config.escalation_tools for call in calls):
-                return "escalation_tool"
-            if self.config.escalate_on_failed_tool_call and any(call.status in FAILED_TOOL for call in calls):
-                return "failed_tool_call"
+        conversation_id = self.signals.conversations.conversation_id(principal, request.previous_response_id, request.conversation)
+        last = self.signals.usage.last_turn(conversation_id) if conversation_id is not None else None
+        if last is None:
+            return None
+        request_id, model = last
+        escalated_model = self.config.tiers[self.config.escalation_tier or ""]
+        if self.config.sticky_escalation and model == escalated_model and self.config.default_tier != self.config.escalation_tier:
+            return "escalated_conversation"
+        calls = self.signals.tool_audit.calls_of(request_id)
+        if any(tool in self.config.escalation_tools for tool, _ in calls):
+            return "escalation_tool"
+        if self.config.escalate_on_failed_tool_call and any(status in FAILED_TOOL for _, status in calls):
+            return "failed_tool_call"
         return None

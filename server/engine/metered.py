@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from server.deadlines import watched
-from server.engine.base import Engine, GenerationChunk, GenerationParams
+from server.engine.base import Engine, EngineWrapper, GenerationChunk, GenerationParams
 from server.telemetry import tracing
 from server.telemetry.cost import EngineClock, current_charge
 
 
-class MeteredEngine:
+class MeteredEngine(EngineWrapper):
     def __init__(self, inner: Engine, clock: EngineClock, provider: str = tracing.PROVIDER):
-        self.inner = inner
+        super().__init__(inner)
         self.clock = clock
         self.provider = provider
         # When the engine last produced output for any request (the stall watch's clock).
         self.last_output = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything but generate (tokenizer, limits, abort, counts) is the engine's own.
-        return getattr(self.inner, name)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         charge = current_charge.get()

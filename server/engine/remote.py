@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
-from server.toolcalls.constraint import response_format_regex
+from server.engine.base import Engine, GenerationChunk, GenerationParams, TokenLogprob
 from server.errors import EngineError, InvalidRequestError, ServiceUnavailableError
+from server.toolcalls.constraint import response_format_regex
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class _Retryable(Exception):
     """The upstream failed before producing anything: another one may serve it."""
 
 
-class RemoteEngine:
+class RemoteEngine(Engine):
     def __init__(
         self,
         upstreams: list[str],

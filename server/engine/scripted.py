@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
-from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
+from server.engine.base import Engine, GenerationChunk, GenerationParams, TokenLogprob
 from server.errors import ServiceUnavailableError
 
 _WORD = re.compile(r"\s*\S+|\s+")
@@ -27,7 +27,7 @@ class ScriptedCall:
     params: GenerationParams
 
 
-class ScriptedEngine:
+class ScriptedEngine(Engine):
     def __init__(self, replies: Iterable[str] = (), *, served_model: str = "scripted", max_model_len: int = 512, token_delay: float = 0.0):
         self.served_model = served_model
         self.max_model_len = max_model_len

@@ -23,9 +23,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-from server.engine.base import Engine, GenerationChunk, GenerationParams
+from server.engine.base import Engine, EngineWrapper, GenerationChunk, GenerationParams
 from server.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,9 @@ log = logging.getLogger(__name__)
 SERVING, RESTARTING, FAILED = "serving", "restarting", "failed"
 
 
-class SupervisedEngine:
+class SupervisedEngine(EngineWrapper):
+    state = SERVING  # a plain attribute here (the base class's is a read-only property)
+
     def __init__(
         self,
         engine: Engine,
@@ -60,29 +61,11 @@ class SupervisedEngine:
         self._watcher: asyncio.Task | None = None
         self._recovery: asyncio.Task | None = None
 
-    # ------------------------------------------------------------ the Engine protocol
-
-    @property
-    def served_model(self) -> str:
-        return self._engine.served_model
-
-    @property
-    def max_model_len(self) -> int:
-        return self._engine.max_model_len
+    # ------------------------------------------------------------ the Engine interface
 
     @property
     def inner(self) -> Engine:
-        return self._engine
-
-    def __getattr__(self, name: str) -> Any:
-        # Tokenizer, counts and the rest are the current engine's own.
-        return getattr(self._engine, name)
-
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._engine.render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        return self._engine.count_tokens(text)
+        return self._engine  # the current one: a restart replaces it
 
     @property
     def serving(self) -> bool:
@@ -92,8 +75,7 @@ class SupervisedEngine:
         if self.state == FAILED:
             error = ServiceUnavailableError("the engine failed repeatedly and the server is shutting down", code="engine_failed")
         else:
-            error = ServiceUnavailableError("the engine stopped and is restarting; retry shortly", code="engine_restarting")
-            error.headers["Retry-After"] = "10"
+            error = ServiceUnavailableError("the engine stopped and is restarting; retry shortly", code="engine_restarting", headers={"Retry-After": "10"})
         return error
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:
@@ -116,9 +98,11 @@ class SupervisedEngine:
     def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests() if self.serving else 0
 
-    def scheduler_counts(self) -> tuple[int, int]:
-        counts = getattr(self._engine, "scheduler_counts", None)
-        return counts() if self.serving and counts is not None else (0, 0)
+    def scheduler_counts(self) -> tuple[int, int] | None:
+        return self._engine.scheduler_counts() if self.serving else (0, 0)
+
+    def is_dead(self) -> bool:
+        return False  # a dead inner engine is replaced, not reported
 
     async def shutdown(self) -> None:
         for task in (self._watcher, self._recovery):
@@ -135,7 +119,7 @@ class SupervisedEngine:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.check_interval_s)
-            if self.serving and _is_dead(self._engine):
+            if self.serving and self._engine.is_dead():
                 self.notice_dead(self._engine)
 
     def notice_dead(self, engine: Engine) -> None:
@@ -180,8 +164,3 @@ class SupervisedEngine:
             self._on_restart(engine)
             log.info("the engine serving %s is back (restart %d)", self.served_model, self.restarts)
             return
-
-
-def _is_dead(engine: Engine) -> bool:
-    check = getattr(engine, "is_dead", None)
-    return bool(check()) if check is not None else False

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from server.engine.base import GenerationChunk, GenerationParams, TokenLogprob
+from server.engine.base import Engine, GenerationChunk, GenerationParams, TokenLogprob
 from server.errors import (
     ConfigError,
     EngineError,
@@ -98,12 +98,13 @@ def prune_cache(directory: Path, limit_mb: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     def __init__(self, llm: Any, tokenizer: Any, profile: ModelProfile, max_model_len: int):
         self._llm = llm
         self._tokenizer = tokenizer
         self.served_model = profile.name
         self.max_model_len = max_model_len
+        self._counts: _SchedulerCounts | None = None  # set by load()
 
     @classmethod
     def load(
@@ -141,15 +142,14 @@ class VllmEngine:
 
     def watch_queue(self, observe: Any) -> None:
         """`observe(seconds)` for each request's wait in the engine's queue, as vLLM measures it."""
-        counts = getattr(self, "_counts", None)
-        if counts is not None:
-            counts.on_queued = observe
+        if self._counts is not None:
+            self._counts.on_queued = observe
 
     def scheduler_counts(self) -> tuple[int, int]:
         """(running, waiting) as the engine's scheduler last reported them."""
         if self.num_unfinished_requests() == 0:
             return 0, 0  # its last report may predate the last request's end
-        counts = getattr(self, "_counts", None)
+        counts = self._counts
         return (counts.running, counts.waiting) if counts is not None else (self.num_unfinished_requests(), 0)
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:

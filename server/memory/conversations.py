@@ -9,30 +9,19 @@ forks of a conversation never share a summary that describes the other branch.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, insert, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 
 from server.auth import Principal
-from server.db import (
-    conversations,
-    guard_events,
-    pending_actions,
-    purge_wal,
-    tool_audit,
-    trace_spans,
-    turns,
-    usage_records,
-)
+from server.db import conversations, turns
 from server.errors import InvalidRequestError, NotFoundError
-
-# What a forgotten user is called in the usage rows that outlive them.
-FORGOTTEN = "[forgotten]"
+from server.ids import new_id
 
 
 @dataclass
@@ -52,7 +41,7 @@ class History:
 
 
 class ConversationStore:
-    def __init__(self, db: Engine):
+    def __init__(self, db: Database):
         self.db = db
 
     # ---------------------------------------------------------------- where a turn goes
@@ -96,7 +85,7 @@ class ConversationStore:
         raise NotFoundError(f"conversation {name!r} could not be opened", param="conversation")
 
     def _create(self, principal: Principal, name: str | None) -> str:
-        conv_id = "conv_" + secrets.token_hex(12)
+        conv_id = new_id("conversation")
         with self.db.begin() as conn:
             conn.execute(
                 insert(conversations).values(id=conv_id, tenant=principal.tenant, user=principal.user, name=name, created_at=time.time())
@@ -190,17 +179,18 @@ class ConversationStore:
             conn.execute(delete(turns).where(turns.c.id == response_id))
             conn.execute(update(conversations).where(conversations.c.head == response_id).values(head=row["parent_id"]))
 
-    def forget(self, tenant: str, user: str) -> dict[str, int]:
-        """Remove every row that names this user: conversations, turns, tool audit, actions."""
-        counts: dict[str, int] = {}
-        with self.db.begin() as conn:
-            for name, table in (("turns", turns), ("conversations", conversations), ("tool_audit", tool_audit), ("pending_actions", pending_actions), ("guard_events", guard_events)):
-                result = conn.execute(delete(table).where(table.c.tenant == tenant, table.c.user == user))
-                counts[name] = result.rowcount or 0
-            # Traces go whole (the root span names the user; its children are the turn's).
-            ids = select(trace_spans.c.trace_id).where(trace_spans.c.tenant == tenant, trace_spans.c.user == user).scalar_subquery()
-            counts["trace_spans"] = conn.execute(delete(trace_spans).where(trace_spans.c.trace_id.in_(ids))).rowcount or 0
-            # Usage stays (spend per key and tenant must still add up) but no longer names the user.
-            conn.execute(update(usage_records).where(usage_records.c.tenant == tenant, usage_records.c.user == user).values(user=FORGOTTEN))
-        purge_wal(self.db)
-        return counts
+    @staticmethod
+    def forget(conn: Connection, tenant: str, user: str) -> dict[str, int]:
+        """The user's turns and conversations (server/forgetting.py)."""
+        return {name: conn.execute(delete(table).where(table.c.tenant == tenant, table.c.user == user)).rowcount or 0 for name, table in (("turns", turns), ("conversations", conversations))}
+
+    def conversation_id(self, principal: Principal, previous_response_id: str | None = None, name: str | None = None) -> str | None:
+        """The user's conversation that a response belongs to, or that a client names
+        (its name, from chat completions, or its id, from the Responses API)."""
+        with self.db.connect() as conn:
+            if previous_response_id:
+                query = select(turns.c.conversation_id).where(turns.c.id == previous_response_id, turns.c.tenant == principal.tenant, turns.c.user == principal.user)
+            else:
+                named = or_(conversations.c.name == name, conversations.c.id == name)
+                query = select(conversations.c.id).where(conversations.c.tenant == principal.tenant, conversations.c.user == principal.user, named).limit(1)
+            return conn.execute(query).scalar()

@@ -17,19 +17,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine as Database
 
 from server.db import memories
+from server.handles import Late
 from server.embedder import Embedder
+from server.ids import new_id
 from server.memory.chunking import split_sentences
-from server.memory.vectors import VectorStore
+from server.memory.vectors import ChromaCollections
 from server.telemetry.redaction import redact_text
 
 # A statement about the speaker: worth remembering across conversations.
@@ -80,11 +81,15 @@ def _public(row: Any) -> dict[str, Any]:
 
 
 class EpisodicMemory:
-    def __init__(self, db: Engine, vectors: VectorStore, embedder: Embedder | None, recall_k: int = 4):
+    def __init__(self, db: Database, vectors: ChromaCollections, embedder: Embedder | Late[Embedder] | None, recall_k: int = 4):
         self.db = db
         self.vectors = vectors
-        self.embedder = embedder
+        self._embedder = Late.of(embedder)
         self.recall_k = recall_k
+
+    @property
+    def embedder(self) -> Embedder | None:
+        return self._embedder.value  # None until it has loaded
 
     def _collection(self, tenant: str) -> Any:
         return self.vectors.collection("mem", tenant)
@@ -100,7 +105,7 @@ class EpisodicMemory:
         items: list[tuple[str, str, str]] = []
         # The words themselves, unless the facts already hold all of them.
         if facts != [text] and not text.rstrip().endswith("?"):
-            items.append(("mem_" + secrets.token_hex(12), text, "said"))
+            items.append((new_id("memory"), text, "said"))
         for fact in facts:
             digest = hashlib.sha256(f"{tenant}\x00{user}\x00{fact.lower()}".encode()).hexdigest()[:24]
             items.append((f"mem_{digest}", fact, "fact"))

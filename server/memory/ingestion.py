@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from sqlalchemy.engine import Engine as Database
 
 from server.db import files, vector_store_files
 from server.errors import ServiceUnavailableError
+from server.ids import internal_id
 from server.memory.knowledge import CHUNK_TOKENS, OVERLAP_TOKENS
 from server.memory.parsing import FileRefused, Limits, ParserProcess, parse_and_chunk
 
@@ -80,6 +80,7 @@ class IngestWorker:
         share: float = 0.5,
         chats_running: Callable[[], int] = lambda: 0,
         owner: str | None = None,
+        metrics: Any = None,
     ):
         self.db = db
         self.knowledge = knowledge  # KnowledgeBase: reads the bytes, writes the chunks
@@ -93,13 +94,13 @@ class IngestWorker:
         # Who holds a lease: stable across restarts of this server (same host, port and
         # data), so a restarted server takes its own files back at once instead of
         # waiting for their leases to run out; other replicas have other names.
-        self.owner = owner or f"ingest-{secrets.token_hex(6)}"
+        self.owner = owner or internal_id("ingest")
         self.parser = ParserProcess()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._active: dict[tuple[str, str], str] = {}  # (store, file) -> tenant
         self._served: dict[str, float] = {}  # tenant -> when a file of theirs was last taken
-        self.metrics: Any = None
+        self.metrics = metrics
 
     # ---------------------------------------------------------------- lifecycle
 

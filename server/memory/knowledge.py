@@ -13,21 +13,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.engine import Engine as Database
 
 from server.auth import Principal
 from server.db import file_contents, files, vector_store_files, vector_stores
+from server.handles import Late
 from server.embedder import Embedder
 from server.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from server.ids import new_id
 from server.memory.chunking import document_kind
-from server.memory.vectors import VectorStore
+from server.memory.vectors import ChromaCollections
 
 CHUNK_TOKENS = 200
 OVERLAP_TOKENS = 40
@@ -53,17 +54,19 @@ class Hit:
         }
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}" if prefix == "file" else f"{prefix}_{secrets.token_hex(12)}"
-
-
 class KnowledgeBase:
-    def __init__(self, db: Engine, vectors: VectorStore, embedder: Embedder | None, files_dir: Path):
+    def __init__(self, db: Database, vectors: ChromaCollections, embedder: Embedder | Late[Embedder] | None, files_dir: Path):
         self.db = db
         self.vectors = vectors
-        self.embedder = embedder
+        self._embedder = Late.of(embedder)
         self.files_dir = files_dir
-        self.ingest: Any = None  # server.memory.ingestion.IngestWorker, once the embedder is loaded
+        # The worker that indexes added files (it needs this store to read and write them,
+        # so it is made after it and attached; until then files wait in SQL).
+        self.ingest: Any = None
+
+    @property
+    def embedder(self) -> Embedder | None:
+        return self._embedder.value  # None until it has loaded
 
     # ---------------------------------------------------------------- files
 
@@ -73,7 +76,7 @@ class KnowledgeBase:
     def create_file(self, principal: Principal, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
         if not filename:
             raise InvalidRequestError("the uploaded file needs a filename", param="file")
-        file_id = _new_id("file")
+        file_id = new_id("file")
         row = {
             "id": file_id,
             "tenant": principal.tenant,
@@ -139,7 +142,7 @@ class KnowledgeBase:
 
     def create_store(self, principal: Principal, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
         row = {
-            "id": _new_id("vs"),
+            "id": new_id("vector_store"),
             "tenant": principal.tenant,
             "name": name,
             "metadata": json.dumps(metadata or {}),

@@ -39,7 +39,7 @@ def _check_access(base: str, url: str, headers: dict[str, str] | None) -> None:
         raise ConfigError(f"the Chroma server at ENCLAVE_CHROMA_URL={url} {which} (HTTP {status})")
 
 
-class VectorStore:
+class ChromaCollections:
     """A thin wrapper that caches collections and turns Chroma failures into our errors."""
 
     def __init__(self, client: Any):
@@ -47,7 +47,7 @@ class VectorStore:
         self._collections: dict[str, Any] = {}
 
     @classmethod
-    def open(cls, data_dir: Path, url: str | None = None, token: str | None = None) -> VectorStore:
+    def open(cls, data_dir: Path, url: str | None = None, token: str | None = None) -> ChromaCollections:
         import chromadb
         from chromadb.config import Settings as ChromaSettings
 

@@ -15,12 +15,12 @@ model's window is refused.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.engine.base import Engine, GenerationParams
 from server.errors import ContextLengthExceededError
+from server.ids import internal_id
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ContextWindow:
         params = GenerationParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.15)
         text = ""
         try:
-            async for chunk in self.engine.generate(f"{request_id}-summary-{uuid.uuid4().hex[:8]}", prompt, params):
+            async for chunk in self.engine.generate(internal_id(f"{request_id}-summary", short=True), prompt, params):
                 text += chunk.text
                 if chunk.finish_reason == "error":
                     text = ""

@@ -50,11 +50,6 @@ async def delete_memory(memory_id: str, request: Request, principal: Principal =
 
 @router.delete("", responses=_ERRORS, summary="Forget a user entirely: memories, conversations, tool audit, actions and traces.")
 async def forget_user(request: Request, user: str = Query(...), principal: Principal = Depends(authorize)) -> dict[str, Any]:
-    runtime = request.app.state.runtime
-    memory = runtime.require_memory()
+    forgetter = request.app.state.runtime.require_forgetter()
     subject = _subject(principal, user)
-    if runtime.tracing is not None:
-        await asyncio.to_thread(runtime.tracing.flush)  # spans still batched must be deleted too
-    memories = await asyncio.to_thread(memory.episodic.forget, principal.tenant, subject)
-    rows = await asyncio.to_thread(memory.conversations.forget, principal.tenant, subject)
-    return {"object": "memory.forgotten", "user": subject, "deleted": {"memories": memories, **rows}}
+    return {"object": "memory.forgotten", "user": subject, "deleted": await forgetter.forget(principal.tenant, subject)}

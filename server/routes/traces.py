@@ -26,9 +26,7 @@ async def get_trace(trace_id: str, request: Request, principal: Principal = Depe
     trace_id = trace_id.lower()
     if not _TRACE_ID.match(trace_id):
         raise NotFoundError(f"No trace found with id '{trace_id}'.", param="trace_id")
-    # A turn that just ended may still sit in the exporter's batch.
-    await asyncio.to_thread(tracing.flush)
-    spans = await asyncio.to_thread(tracing.store.get, trace_id, principal.tenant)
+    spans = await asyncio.to_thread(tracing.spans, trace_id, principal.tenant)
     if not spans:
         raise NotFoundError(f"No trace found with id '{trace_id}'.", param="trace_id")
     return trace_object(trace_id, spans)

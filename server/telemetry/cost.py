@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 
 from server.db import budget_holds, key_budgets, usage_records
 from server.errors import InsufficientQuotaError
+
+FORGOTTEN = "[forgotten]"  # who a forgotten user's usage rows name
 
 SECONDS_PER_HOUR = 3600.0
 # Engine seconds per generated token assumed for budget holds until a model is measured.
@@ -165,6 +168,19 @@ class UsageLedger:
     def record(self, row: dict[str, Any]) -> None:
         with self.db.begin() as conn:
             conn.execute(insert(usage_records).values(**row))
+
+    def last_turn(self, conversation_id: str) -> tuple[str, str] | None:
+        """(request id, model) of a conversation's latest turn."""
+        query = select(usage_records.c.request_id, usage_records.c.model).where(usage_records.c.conversation_id == conversation_id).order_by(usage_records.c.at.desc()).limit(1)
+        with self.db.connect() as conn:
+            row = conn.execute(query).first()
+        return (row.request_id, row.model) if row is not None else None
+
+    @staticmethod
+    def forget(conn: Connection, tenant: str, user: str) -> dict[str, int]:
+        """Usage stays (spend per key and tenant must still add up) but no longer names the user."""
+        conn.execute(update(usage_records).where(usage_records.c.tenant == tenant, usage_records.c.user == user).values(user=FORGOTTEN))
+        return {}
 
     def summary(self, group_by: str, tenant: str | None, start: float | None = None, end: float | None = None, limit: int = 100) -> dict[str, Any]:
         u = usage_records.c

@@ -104,11 +104,11 @@ class Metrics:
             "enclave_engine_seconds_unbilled", "Engine seconds past a turn's budget ceiling (at most one step each)", ["model"], registry=r
         )
 
-    def watch_engine(self, unfinished: Callable[[], int], scheduler: Callable[[], tuple[int, int]] | None = None) -> None:
+    def watch_engine(self, unfinished: Callable[[], int], scheduler: Callable[[], tuple[int, int] | None]) -> None:
+        """`scheduler()`: (running, waiting), or None where the engine does not report them."""
         self.engine_unfinished.set_function(unfinished)
-        if scheduler is not None:
-            self.engine_running.set_function(lambda: scheduler()[0])
-            self.engine_waiting.set_function(lambda: scheduler()[1])
+        self.engine_running.set_function(lambda: (scheduler() or (0, 0))[0])
+        self.engine_waiting.set_function(lambda: (scheduler() or (0, 0))[1])
 
     def watch_clock(self, model: str, busy_seconds: Callable[[], float]) -> None:
         """Busy engine time: what attributed (billed + unbilled) seconds add up to."""

@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 
 from server.db import trace_spans
@@ -189,6 +190,12 @@ class Tracing:
         turn.activate()
         return turn
 
+    def spans(self, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        """A trace's spans as stored; a turn that just ended may still sit in the
+        exporter's batch, so it is flushed first. Blocking (SQL): run it in a thread."""
+        self.flush()
+        return self.store.get(trace_id, tenant)
+
     def flush(self) -> None:
         self.provider.force_flush(timeout_millis=10_000)
 
@@ -259,6 +266,12 @@ class TraceStore:
                 conn.execute(insert(trace_spans), rows)
         if time.time() - self._pruned_at > self.PRUNE_EVERY_S:
             self.prune()
+
+    @staticmethod
+    def forget(conn: Connection, tenant: str, user: str) -> dict[str, int]:
+        """Traces go whole: the root span names the user; its children are the turn's."""
+        ids = select(trace_spans.c.trace_id).where(trace_spans.c.tenant == tenant, trace_spans.c.user == user).scalar_subquery()
+        return {"trace_spans": conn.execute(delete(trace_spans).where(trace_spans.c.trace_id.in_(ids))).rowcount or 0}
 
     def get(self, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
         """The trace's spans in start order; empty when it does not exist or its root

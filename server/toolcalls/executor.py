@@ -11,19 +11,21 @@ import asyncio
 import inspect
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
-from sqlalchemy.engine import Engine as SqlEngine
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Engine as Database
 
 from server.auth import Principal
-from server.db import pending_actions, tool_audit
+from server.db import pending_actions
 from server.errors import ConflictError, NotFoundError
+from server.ids import new_id
 from server.telemetry import tracing
 from server.telemetry.redaction import redact
+from server.toolcalls.audit import ToolAudit
 from server.toolcalls.registry import Registry, Tool, ToolContext, ToolError
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,13 @@ def _output(value: Any) -> str:
 
 
 class Executor:
-    def __init__(self, registry: Registry, db: SqlEngine, action_ttl_s: float = 900.0):
+    def __init__(self, registry: Registry, db: Database, action_ttl_s: float = 900.0, *, guard: Any = None, metrics: Any = None):
         self.registry = registry
         self.db = db
+        self.audit_log = ToolAudit(db)
         self.action_ttl_s = action_ttl_s
-        self.guard: Any = None  # server.guard.Guard: the tool rails, set when they are loaded
-        self.metrics: Any = None  # telemetry.metrics.Metrics, set by the app
+        self.guard = guard  # server.guard.Guard: the tool rails
+        self.metrics = metrics  # telemetry.metrics.Metrics
 
     # ------------------------------------------------------------ calls from the model
 
@@ -166,12 +169,7 @@ class Executor:
     def _over_limit(self, tool: Tool, principal: Principal) -> bool:
         assert tool.rate_limit is not None
         calls, per = tool.rate_limit
-        who = tool_audit.c.key_id == principal.key_id if principal.key_id else and_(tool_audit.c.tenant == principal.tenant, tool_audit.c.user == principal.user)
-        query = select(func.count()).select_from(tool_audit).where(
-            tool_audit.c.tool == tool.name, who, tool_audit.c.at > time.time() - per, tool_audit.c.status.in_(_COUNTED)
-        )
-        with self.db.connect() as conn:
-            return conn.execute(query).scalar_one() >= calls
+        return self.audit_log.recent_calls(tool.name, principal, per, _COUNTED) >= calls
 
     def _audit(self, ctx: ToolContext, principal: Principal, name: str, args: Any, status: str, error: str | None, started: float, attempts: int, action: dict | None) -> None:
         # Every outcome of every call passes here (model calls and confirmed actions alike).
@@ -196,22 +194,17 @@ class Executor:
             "attempts": attempts,
             "action_id": action["id"] if action else None,
         }
-        with self.db.begin() as conn:
-            conn.execute(insert(tool_audit).values(**row))
+        self.audit_log.write(row)
 
     def audit_rows(self, **where: Any) -> list[dict[str, Any]]:
-        query = select(tool_audit).order_by(tool_audit.c.id)
-        for key, value in where.items():
-            query = query.where(tool_audit.c[key] == value)
-        with self.db.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+        return self.audit_log.rows(**where)
 
     # ------------------------------------------------------------ pending actions
 
     def _create_action(self, tool: Tool, arguments: dict[str, Any], principal: Principal) -> dict[str, Any]:
         now = time.time()
         row = {
-            "id": "act_" + secrets.token_hex(12),
+            "id": new_id("action"),
             "tenant": principal.tenant,
             "user": principal.user,
             "key_id": principal.key_id,
@@ -253,6 +246,11 @@ class Executor:
             query = query.where(pending_actions.c.status == status)
         with self.db.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    @staticmethod
+    def forget(conn: Connection, tenant: str, user: str) -> dict[str, int]:
+        """The user's pending actions (server/forgetting.py)."""
+        return {"pending_actions": conn.execute(delete(pending_actions).where(pending_actions.c.tenant == tenant, pending_actions.c.user == user)).rowcount or 0}
 
     def _claim(self, action_id: str, by: str) -> bool:
         # The one atomic step that makes duplicate, replayed and concurrent approvals

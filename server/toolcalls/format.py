@@ -11,15 +11,15 @@ arguments that join into the exact JSON the constraint accepted.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.ids import new_id
 from server.toolcalls.spec import ToolPlan
 
 
 def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+    return new_id("tool_call")
 
 
 def tools_prompt(plan: ToolPlan, choice: str) -> str:

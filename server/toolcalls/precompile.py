@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from server.engine.base import Engine, GenerationParams
+from server.ids import internal_id
 from server.toolcalls.constraint import build_constraint
 from server.toolcalls.registry import Registry
 
@@ -38,7 +38,7 @@ async def precompile(engine: Engine, registry: Registry) -> dict[str, float]:
         started = time.perf_counter()
         try:
             params = GenerationParams(max_tokens=1, temperature=0.0, regex=regex)
-            async for _ in engine.generate(f"precompile-{pack}-{uuid.uuid4().hex[:8]}", prompt, params):
+            async for _ in engine.generate(internal_id(f"precompile-{pack}", short=True), prompt, params):
                 pass
         except Exception:  # noqa: BLE001 - a failed warm-up costs the first request time, not the server
             log.warning("precompiling the constraint of tool pack %s failed; its first request compiles it", pack, exc_info=True)

@@ -17,7 +17,7 @@ from server.engine.scripted import ScriptedEngine
 from server.errors import ConfigError
 from server.memory.chunking import chunk_sections, extract_sections, split_sentences
 from server.memory.episodic import extract_facts
-from server.memory.vectors import VectorStore
+from server.memory.vectors import ChromaCollections
 from server.memory.window import ContextWindow
 from tests.e2e.handbook import SHIPPING_HTML, WARRANTY_LINES, tiny_pdf
 
@@ -75,10 +75,10 @@ def test_facts_are_first_person_statements():
 
 def test_a_chroma_token_needs_a_chroma_server(tmp_path):
     with pytest.raises(ConfigError, match="ENCLAVE_CHROMA_URL is not"):
-        VectorStore.open(tmp_path, None, "t0ken")
+        ChromaCollections.open(tmp_path, None, "t0ken")
     # Nothing listens on port 9 (discard): unreachable is told apart from refused.
     with pytest.raises(ConfigError, match="cannot reach the Chroma server") as err:
-        VectorStore.open(tmp_path, "http://127.0.0.1:9", "t0ken")
+        ChromaCollections.open(tmp_path, "http://127.0.0.1:9", "t0ken")
     assert "t0ken" not in str(err.value)
 
 

@@ -22,7 +22,7 @@ from server.errors import ConfigError
 from server.profiles import ModelProfile
 from server.routing import (
     Decision,
-    Router,
+    ModelRouter,
     RouteRequest,
     RoutingConfig,
     has_failed_tool_result,
@@ -226,7 +226,7 @@ class _Tier:
 def test_conversation_signals_are_read_from_the_shared_database(tmp_path):
     db = connect(sqlite_url(tmp_path / "enclave.db"))
     tiers = {"tier-small": _Tier("tier-small"), "tier-large": _Tier("tier-large")}
-    router = Router(RoutingConfig(tiers={"small": "tier-small", "large": "tier-large"}), tiers, None, db)  # type: ignore[arg-type]
+    router = ModelRouter(RoutingConfig(tiers={"small": "tier-small", "large": "tier-large"}), tiers, None, db)  # type: ignore[arg-type]
     ann = Principal(tenant="acme", user="ann", scopes=("*",))
     usage = {"tenant": "acme", "user": "ann", "conversation_id": "conv_1", "prompt_tokens": 1, "completion_tokens": 1, "engine_seconds": 0.0, "cost_usd": 0.0, "duration_s": 0.0}
     with db.begin() as conn:

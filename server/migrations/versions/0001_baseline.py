@@ -16,6 +16,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    _create_budgets_conversations_files_guard_events()
+    _create_memories_actions_tool_audit()
+    _create_trace_spans_turns()
+    _create_usage_and_vector_stores()
+
+
+def _create_budgets_conversations_files_guard_events() -> None:
+    """budget_holds, conversations, files, guard_events, key_budgets."""
     op.create_table(
         "budget_holds",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -79,6 +87,10 @@ def upgrade() -> None:
         sa.Column("spent_usd", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("key_id"),
     )
+
+
+def _create_memories_actions_tool_audit() -> None:
+    """memories, pending_actions, tool_audit."""
     op.create_table(
         "memories",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -132,6 +144,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_tool_audit_at"), ["at"], unique=False)
         batch_op.create_index(batch_op.f("ix_tool_audit_tool"), ["tool"], unique=False)
 
+
+def _create_trace_spans_turns() -> None:
+    """trace_spans, turns."""
     op.create_table(
         "trace_spans",
         sa.Column("span_id", sa.String(length=16), nullable=False),
@@ -178,6 +193,9 @@ def upgrade() -> None:
         )
         batch_op.create_index("ix_turns_owner", ["tenant", "user"], unique=False)
 
+
+def _create_usage_and_vector_stores() -> None:
+    """usage_records, vector_store_files, vector_stores."""
     op.create_table(
         "usage_records",
         sa.Column("request_id", sa.String(length=64), nullable=False),

@@ -1,0 +1,141 @@
+"""The input gate: the new user message through the input rails and new tool results
+through the tool-result rails, before memory, retrieval, logs or the model see them.
+
+One exception changes nothing they see: when the new input holds no personal data and
+no server tool can run, the verdict is left pending (`PendingGate`) and generation
+starts alongside the rails; nothing is released, stored or run until it is in (`gated`).
+If the rails refuse or rewrite, that generation is dropped unseen and the turn restarts
+from their text, so the model reads exactly what the rails would have passed to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from server.engine.base import Engine
+from server.guard import Guard, Stage, Status, Verdict
+from server.telemetry.redaction import mask_pii
+from server.turn.events import TurnEvent
+from server.turn.state import Progress, Turn
+
+# By message index: (stage, text, rail context).
+Checks = dict[int, tuple[Stage, str, dict | None]]
+
+
+@dataclass
+class PendingGate:
+    checks: Checks
+    messages: list[dict[str, str]]  # as they came, before any verdict
+
+
+class InputGate:
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    @staticmethod
+    def checks(turn: Turn, messages: list[dict[str, str]]) -> Checks:
+        """The rail checks a turn's new input needs, by message index."""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        checks: Checks = {}
+        plan = turn.req.plan
+        if last_user >= 0 and messages[last_user].get("content"):
+            # The caller's own tools are in scope for the off-topic rail: an app that
+            # declares book_flight has made flights its users' topic.
+            tools = [f"{t.name.replace('_', ' ')}: {t.description}" for t in plan.tools if not t.server] if plan else []
+            checks[last_user] = (Stage.INPUT, messages[last_user]["content"], {"extra_topics": tools} if tools else None)
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" and i > last_assistant and m.get("content"):
+                checks[i] = (Stage.TOOL_RESULT, m["content"], None)
+        return checks
+
+    async def run(self, checks: Checks) -> dict[int, Verdict]:
+        verdicts = await asyncio.gather(*(self.guard.check(stage, text, ctx) for stage, text, ctx in checks.values()))
+        return dict(zip(checks, verdicts, strict=True))
+
+    @staticmethod
+    def apply(turn: Turn, messages: list[dict[str, str]], verdicts: dict[int, Verdict]) -> list[dict[str, str]]:
+        """The messages as the model may see them: checked ones as their rails left them
+        (masked, neutralised; a refused one masked), personal data masked in the rest of
+        the history the client sent."""
+        out = []
+        for i, m in enumerate(messages):
+            v = verdicts.get(i)
+            if v is not None:
+                turn.guards.add(v.events)
+                if v.blocked:
+                    turn.report.refusal = v
+                    m = {**m, "content": mask_pii(m["content"])[0]}
+                else:
+                    m = {**m, "content": v.text}
+            elif m["role"] != "system" and m.get("content"):
+                m = {**m, "content": mask_pii(m["content"])[0]}
+            out.append(m)
+        return out
+
+    async def check(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The turn's messages after the input-side rails, or (see the module) as they
+        will be if the rails pass them, with the verdict left pending on `turn.gate`."""
+        checks = self.checks(turn, messages)
+        if not checks:
+            return self.apply(turn, messages, {})
+        # Only a user message is checked alongside: tool results are data the model must
+        # not read before their instructions are removed.
+        user_only = all(messages[i]["role"] == "user" for i in checks)
+        pii_free = not any(mask_pii(messages[i]["content"])[1] for i in checks)
+        plan = turn.req.plan
+        if user_only and pii_free and (plan is None or not plan.has_server_tools):
+            turn.gate = PendingGate(checks, messages)
+            # Identical to what the rails return unless they refuse or rewrite.
+            return self.apply(turn, messages, {})
+        return self.apply(turn, messages, await self.run(checks))
+
+    async def gated(
+        self,
+        turn: Turn,
+        progress: Progress,
+        engine: Engine,
+        events: Callable[[], AsyncIterator[TurnEvent]],
+        restart: Callable[[list[dict[str, str]]], Awaitable[None]],
+    ) -> AsyncIterator[TurnEvent]:
+        """`events()` started while the rails decide; their verdict is awaited before the
+        first event leaves. On a refusal or rewrite, `restart(messages)` prepares the turn
+        again from the rails' text and `events()` runs anew."""
+        gate = turn.gate
+        assert gate is not None
+        stream = events()
+        first = asyncio.ensure_future(anext(stream, None))
+        # Let the request reach the engine before the rails take the event loop (their
+        # checks are CPU-bound Python and would otherwise run first, in series).
+        before = engine.num_unfinished_requests()
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if first.done() or engine.num_unfinished_requests() > before:
+                break
+        try:
+            verdicts = await self.run(gate.checks)
+        except BaseException:
+            await _drop(first, stream)
+            raise
+        turn.gate = None
+        if all(v.status == Status.PASSED for v in verdicts.values()):
+            turn.guards.add([e for v in verdicts.values() for e in v.events])
+            ev = await first
+            while ev is not None:
+                yield ev
+                ev = await anext(stream, None)
+            return
+        await _drop(first, stream)
+        progress.reset()
+        turn.attempt += 1
+        await restart(self.apply(turn, gate.messages, verdicts))
+        async for ev in events():
+            yield ev
+
+
+async def _drop(first: asyncio.Future, stream: AsyncIterator[TurnEvent]) -> None:
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await stream.aclose()  # type: ignore[attr-defined]
