@@ -31,11 +31,11 @@ Forget = Callable[[Connection, str, str], dict[str, int]]
 STORES: tuple[Forget, ...] = (ConversationStore.forget, ToolAudit.forget, Executor.forget, GuardAudit.forget, TraceStore.forget, UsageLedger.forget)
 
 
-def forget_user(db: Database, tenant: str, user: str, stores: tuple[Forget, ...] = STORES) -> dict[str, int]:
+def forget_user(db: Database, tenant: str, user: str) -> dict[str, int]:
     """Rows deleted, by table."""
     counts: dict[str, int] = {}
     with db.begin() as conn:
-        for forget in stores:
+        for forget in STORES:
             counts.update(forget(conn, tenant, user))
     purge_wal(db)
     return counts

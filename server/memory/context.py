@@ -79,9 +79,8 @@ class MemoryServices:
         self.knowledge = knowledge
         self.output_reserve = output_reserve
         self.summary_tokens = summary_tokens
-        self.guard = guard  # server.guard.Guard: the retrieval rails
-        self.metrics = metrics  # telemetry.metrics.Metrics
-        # What a stateful turn reads beside its history, as blocks in this order.
+        # What a stateful turn reads beside its history, as blocks in this order (the
+        # guard's retrieval rails admit knowledge; metrics time each search).
         self.sources: list[ContextSource] = [Knowledge(knowledge, guard, metrics), EpisodicMemories(episodic, metrics)]
 
     async def for_chat(self, request: ChatCompletionRequest, principal: Principal) -> ContextRequest | None:

@@ -26,8 +26,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine as Database
 
 from server.db import memories
-from server.handles import Late
 from server.embedder import Embedder
+from server.handles import Late
 from server.ids import new_id
 from server.memory.chunking import split_sentences
 from server.memory.vectors import ChromaCollections

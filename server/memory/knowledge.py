@@ -23,9 +23,9 @@ from sqlalchemy.engine import Engine as Database
 
 from server.auth import Principal
 from server.db import file_contents, files, vector_store_files, vector_stores
-from server.handles import Late
 from server.embedder import Embedder
 from server.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from server.handles import Late
 from server.ids import new_id
 from server.memory.chunking import document_kind
 from server.memory.vectors import ChromaCollections

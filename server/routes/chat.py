@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -11,6 +10,7 @@ from fastapi.responses import Response
 from server.auth import Principal, authorize
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from server.routing import RouteRequest, has_failed_tool_result, last_user_text
+from server.toolcalls.spec import declares_server_tools
 from server.turn.dispatch import dispatch
 from server.turn.encoders import chat
 from server.turn.ledger import Admission
@@ -18,11 +18,6 @@ from server.turn.pipeline import ChatServing
 from server.turn.state import Turn
 
 router = APIRouter(prefix="/v1")
-
-
-def runs_server_tools(tools: list[dict[str, Any]] | None) -> bool:
-    """Server tools make a turn several model calls (its budget hold covers them all)."""
-    return any(isinstance(t, dict) and t.get("type") == "server" for t in tools or [])
 
 
 class ChatCompletions:
@@ -34,7 +29,7 @@ class ChatCompletions:
 
     def admission(self, body: ChatCompletionRequest) -> Admission:
         max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return Admission(self.name, body.model, max_new, runs_server_tools(body.tools))
+        return Admission(self.name, body.model, max_new, declares_server_tools(body.tools))
 
     def with_model(self, body: ChatCompletionRequest, model: str) -> ChatCompletionRequest:
         return body.model_copy(update={"model": model})

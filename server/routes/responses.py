@@ -12,8 +12,8 @@ from fastapi.responses import Response
 from server import responses
 from server.auth import Principal, authorize
 from server.protocol import ErrorResponse, ResponsesRequest
-from server.routes.chat import runs_server_tools
 from server.routing import RouteRequest, has_failed_tool_result, last_user_text
+from server.toolcalls.spec import declares_server_tools
 from server.turn.dispatch import dispatch
 from server.turn.encoders import responses as encoder
 from server.turn.encoders.responses_shape import ResponseShape
@@ -34,7 +34,7 @@ class Responses:
         return RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
 
     def admission(self, body: ResponsesRequest) -> Admission:
-        return Admission(self.name, body.model, body.max_output_tokens, runs_server_tools(body.tools))
+        return Admission(self.name, body.model, body.max_output_tokens, declares_server_tools(body.tools))
 
     def with_model(self, body: ResponsesRequest, model: str) -> ResponsesRequest:
         return body.model_copy(update={"model": model})

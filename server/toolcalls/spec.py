@@ -71,6 +71,12 @@ def _function_tool(entry: dict[str, Any], i: int) -> ToolSpec:
     return ToolSpec(name, description, params)
 
 
+def declares_server_tools(tools: list[dict[str, Any]] | None) -> bool:
+    """Whether a request names server tools, before it is validated: such a turn is
+    several model calls (its budget hold covers them all)."""
+    return any(isinstance(t, dict) and t.get("type") == "server" for t in tools or [])
+
+
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None, registry: Any, principal: Any) -> ToolPlan | None:
     """Validate `tools` and `tool_choice`; None when the request uses no tools."""
     if not tools:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from server.engine.base import TokenLogprob
 from server.toolcalls.format import call_text
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     TEXT = "text"
     CALL = "call"  # a tool call starts: call_id and name
     ARGS = "args"  # a fragment of the arguments of call `call`

@@ -31,8 +31,9 @@ class PendingGate:
 
 
 class InputGate:
-    def __init__(self, guard: Guard):
+    def __init__(self, guard: Guard, engine: Engine):
         self.guard = guard
+        self.engine = engine  # to see the gated generation reach it
 
     @staticmethod
     def checks(turn: Turn, messages: list[dict[str, str]]) -> Checks:
@@ -96,7 +97,6 @@ class InputGate:
         self,
         turn: Turn,
         progress: Progress,
-        engine: Engine,
         events: Callable[[], AsyncIterator[TurnEvent]],
         restart: Callable[[list[dict[str, str]]], Awaitable[None]],
     ) -> AsyncIterator[TurnEvent]:
@@ -109,10 +109,10 @@ class InputGate:
         first = asyncio.ensure_future(anext(stream, None))
         # Let the request reach the engine before the rails take the event loop (their
         # checks are CPU-bound Python and would otherwise run first, in series).
-        before = engine.num_unfinished_requests()
+        before = self.engine.num_unfinished_requests()
         for _ in range(50):
             await asyncio.sleep(0)
-            if first.done() or engine.num_unfinished_requests() > before:
+            if first.done() or self.engine.num_unfinished_requests() > before:
                 break
         try:
             verdicts = await self.run(gate.checks)

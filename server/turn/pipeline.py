@@ -49,10 +49,8 @@ class TurnRun:
     events: AsyncIterator[TurnEvent]
 
     async def aclose(self) -> None:
-        """Stop generating (if still running) and settle the turn (if not yet)."""
-        await self.events.aclose()  # type: ignore[attr-defined]
-        if self.turn.ledger is not None:
-            await self.turn.ledger.settle(self.turn, self.progress, "client_disconnected")
+        """Stop generating, if the turn is still running; its events settle it on the way out."""
+        await self.events.aclose()  # type: ignore[attr-defined]  # settles it (_events)
 
 
 class ChatServing:
@@ -82,7 +80,7 @@ class ChatServing:
         self.ledgers = LedgerServices(self.model, metrics, tracing, accounting)
         self.prompt = Prompt(engine, guard)
         self.generation = Generation(engine, metrics)
-        self.input_gate = InputGate(guard) if guard is not None else None
+        self.input_gate = InputGate(guard, engine) if guard is not None else None
         self.output_guard = OutputGuard(guard) if guard is not None and guard.has("output") else None
         self.tool_loop = ToolLoop(executor, self.generation, self.prompt, guard, max_tool_steps) if executor is not None else None
         self.context_stage = ContextStage(memory, engine) if memory is not None else None
@@ -177,7 +175,7 @@ class ChatServing:
     async def _events(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
         stored = Choice() if turn.context is not None else None
         if turn.gate is not None and self.input_gate is not None:
-            events = self.input_gate.gated(turn, progress, self.engine, lambda: self._generated(turn, progress), lambda m: self._restart(turn, m))
+            events = self.input_gate.gated(turn, progress, lambda: self._generated(turn, progress), lambda m: self._restart(turn, m))
         else:
             events = self._generated(turn, progress)
         assert turn.ledger is not None, "a turn runs only once admitted"

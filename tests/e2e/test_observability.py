@@ -236,3 +236,29 @@ def test_metrics_report_engine_queue_and_cost(live_server, client, model_name):
     client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert live_server.metric("enclave_cost_usd_total", tenant="acme") > cost
     assert live_server.metric("enclave_e2e_request_latency_seconds_count", model=model_name) == e2e + 1
+
+
+def test_a_streamed_turn_the_client_leaves_is_still_billed_and_traced(live_server):
+    # The hang-up cancels the response; the turn must be settled all the same.
+    key = create_key(live_server.data_dir, "--tenant", "hangup", "--user", "u1", "--scope", "chat", "--scope", "usage", "--scope", "traces", "--budget-usd", "1000")
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me about delivery times."}], "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{live_server.base_url}/chat/completions", json=body, headers=live_server.headers(key), timeout=60) as response:
+        assert response.status_code == 200
+        request_id, trace_id = response.headers["x-request-id"], response.headers["x-trace-id"]
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while True:
+        usage = httpx.get(f"{live_server.base_url}/usage", params={"group_by": "request"}, headers=live_server.headers(key)).json()
+        row = next((b for b in usage["data"] if b["request_id"] == request_id), None)
+        if row is not None:
+            break
+        assert time.monotonic() < deadline, "no usage row 10 s after the client left"
+        time.sleep(0.2)
+    assert 0 < row["completion_tokens"] < 1500 and row["engine_seconds"] > 0
+    root = next(s for s in _trace(live_server, trace_id, key)["spans"] if s["parent_id"] is None)
+    assert root["attributes"]["enclave.outcome"] == "client_disconnected"
+    assert root["attributes"]["gen_ai.usage.output_tokens"] == row["completion_tokens"]
+    # Its budget hold is released and what it used is spent.
+    assert usage["budget"]["held_usd"] == pytest.approx(0) and usage["budget"]["spent_usd"] == pytest.approx(row["cost_usd"], abs=1e-12)
