@@ -33,12 +33,7 @@ FAMILY_INTENT = {
 # indirect categories are documents, not messages, and stay out.
 OWN_INTENT = {"injection": "injection", "jailbreak": "jailbreak", "system_prompt_extraction": "extraction", "pii_exfiltration": "personal_data"}
 # At most this many dev prompts of one family: the largest (encoding) would drown the rest.
-# Families built from a few templates (encodings, DAN variants, exfiltration links, key
-# requests) are told apart from ordinary requests by a few examples; harmful requests,
-# each its own wording, need all there are.
 PER_FAMILY = 220
-TEMPLATED = {"encoding", "web_injection", "apikey", "dan", "promptinject", "dra"}
-PER_TEMPLATED = int(__import__("os").environ.get("PER_TEMPLATED", "220"))
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -57,7 +52,7 @@ def examples() -> list[tuple[str, str]]:
     counts: dict[str, int] = {}
     for p in sorted(outside, key=lambda p: p.key):
         assert p.split == "dev"
-        if p.path != "input" or counts.get(p.family, 0) >= (PER_TEMPLATED if p.family in TEMPLATED else PER_FAMILY):
+        if p.path != "input" or counts.get(p.family, 0) >= PER_FAMILY:
             continue
         # What a rail is not expected to stop is left out: neither attack nor clearly benign.
         if not (p.expected and p.family in FAMILY_INTENT):
@@ -102,8 +97,9 @@ def data_examples() -> list[tuple[str, str]]:
         out += [(x, BENIGN) for x in sentences(p.text)]
     out += [(p.text, BENIGN) for p in corpora.benign() if p.split == "dev"]
     out += [(r["text"], BENIGN) for r in _jsonl(ROOT / "tests" / "redteam" / "benign.jsonl")]
-    # Markdown documents, headings and lists included: this project's own docs.
-    for doc in sorted((ROOT / "docs").glob("*.md")):
+    # Markdown documents, headings and lists included: this project's own docs (but the
+    # one that quotes attacks).
+    for doc in sorted(d for d in (ROOT / "docs").glob("*.md") if d.name != "redteam.md"):
         out += [(x, BENIGN) for x in sentences(doc.read_text()) if len(x.split()) >= 2]
     out = list(dict.fromkeys(out))
     _refuse_heldout(out)
