@@ -54,7 +54,7 @@ class _Policy:
         self.self_check = data.get("self_check") or {}
         # Classifier files are named here and loaded by the server (RailServices).
         intents = data.get("intents") or {}
-        self.intent_threshold = float(intents.get("threshold", 0.78))
+        self.intent_threshold = float(intents.get("threshold", 0.81))
         self.intents_model = intents.get("model")
 
 
