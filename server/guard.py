@@ -136,6 +136,8 @@ class RailServices:
         if self.embedder is None or classifier is None:
             return None
         parts = windows(text)
+        if not parts:  # nothing a reader would see (only invisible or format characters)
+            return None
         vectors = np.stack([await self.embedder.embed_one(w) for w in parts])
         return classifier.score(vectors, parts)
 

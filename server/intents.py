@@ -55,19 +55,27 @@ _HOMOGLYPHS = str.maketrans(
 
 def normalise(text: str) -> str:
     """The text as a reader sees it: compatibility forms folded (NFKC: full-width and
-    styled letters), homoglyphs in words that mix scripts mapped to Latin, invisible Unicode tag characters decoded
-    to the ASCII they hide, and other invisible characters (zero-width, variation
-    selectors) dropped."""
+    styled letters), homoglyphs in words that mix scripts mapped to Latin, invisible Unicode
+    tag characters and supplementary variation selectors decoded to the ASCII they hide,
+    other invisible characters (zero-width, variation selectors) and markdown heading
+    and quote markers dropped."""
     out = []
     for ch in unicodedata.normalize("NFKC", text):
         o = ord(ch)
         if 0xE0020 <= o <= 0xE007E:  # tag characters: a hidden copy of ASCII
             out.append(chr(o - 0xE0000))
+        elif 0xE0120 <= o <= 0xE017E:  # variation selectors 17+ used the same way
+            out.append(chr(o - 0xE0100))
         elif unicodedata.category(ch) == "Cf" or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF:
             continue
         else:
             out.append(ch)
-    return _LATIN_WORD.sub(_unmix, "".join(out))
+    return _LATIN_WORD.sub(_unmix, _MARKUP.sub("", "".join(out)))
+
+
+# Markdown heading and quote markers at the start of a line, which a reader of the
+# rendered text does not see: "# Returns" is judged as the title "Returns".
+_MARKUP = re.compile(r"(?m)^[ \t]*(#{1,6}|>)[ \t]+")
 
 
 _LATIN_WORD = re.compile(r"\w+")
