@@ -120,10 +120,11 @@ def test_benign_support_requests_are_answered_and_off_topic_ones_deflected(live_
     assert all(e["rail"] == "enclave off topic" for e in off_events)
 
 
-def test_text_hidden_in_invisible_characters_is_refused_and_an_empty_looking_message_answered(live_server):
+def test_text_hidden_in_invisible_characters_is_refused_and_an_empty_looking_message_judged_plainly(live_server):
     # garak's smuggling encodings: ASCII as supplementary variation selectors, and as binary
     # in invisible operators. A message of two zero-width characters has nothing to judge:
-    # a 200 (not a 500), at most deflected by the support desk's topic rail.
+    # no rail fails on it (a failed action blocks with no reason), at most the support
+    # desk's topic rail deflects it.
     client = client_for(live_server)
 
     def ask(text: str):
