@@ -15,7 +15,7 @@ from typing import Any
 from nemoguardrails.actions import action
 from nemoguardrails.actions.rail_outcome import RailOutcome, TransformTarget
 
-from server.intents import SENTENCE_BREAK
+from server.intents import SENTENCE_BREAK, longest_invisible_run
 from server.telemetry.redaction import mask_pii
 
 
@@ -33,7 +33,7 @@ class _Policy:
         self.gibberish_min_words = int(jb.get("gibberish_min_words", 10))
         n = int(jb.get("encoded_min_chars", 48))
         self.encoded = re.compile(rf"[A-Za-z0-9+/]{{{n},}}={{0,2}}|\b[0-9a-fA-F]{{{n},}}\b")
-        self.hidden = re.compile(f"{_INVISIBLE}{{{int(jb.get('hidden_min_chars', 8))},}}")
+        self.hidden_min_chars = int(jb.get("hidden_min_chars", 8))
         topics = data.get("topics") or {}
         self.topic_threshold = float(topics.get("threshold", 0.2))
         # Whole-message small talk ("thanks", "yes, go ahead") that needs no judging;
@@ -93,13 +93,6 @@ async def enclave_mask_pii(source: str, text: str | None, config: Any = None, **
 _VOWELS = set("aeiouyAEIOUY")
 
 
-# Characters a reader does not see: zero-width and joiners, bidi controls, invisible
-# operators, variation selectors, tag characters. Emoji use one or a few between visible
-# ones (a flag, a skin tone); a long run of them is text smuggled past the reader, in
-# whatever code (tag characters, variation selectors, binary in invisible operators).
-_INVISIBLE = "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufe00-\ufe0f\ufeff\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
-
-
 def _gibberish(word: str) -> bool:
     core = word.strip(".,!?;:'\"()")
     if len(core) < 2:
@@ -133,7 +126,7 @@ async def enclave_jailbreak_heuristics(text: str | None, config: Any = None, **k
             return RailOutcome.block(reason=f"adversarial suffix (gibberish share {share:.2f})")
     if pol.encoded.search(text):
         return RailOutcome.block(reason="encoded payload")
-    if pol.hidden.search(text):
+    if longest_invisible_run(text) >= pol.hidden_min_chars:
         return RailOutcome.block(reason="hidden characters")
     return RailOutcome.allow()
 

@@ -13,20 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.config import PROJECT_ROOT, load_settings
+from server.config import load_settings
 from server.engine.scripted import ScriptedEngine
 from server.errors import ConfigError
 from server.guard import Guard
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import iban_ok, luhn_ok, mask_pii
-
-RAILS = PROJECT_ROOT / "rails"
-# The support desk's rails on top of the base: every rail, topic scoping included.
-SUPPORT = [RAILS, PROJECT_ROOT / "deployments" / "support" / "rails"]
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.server.rails_dirs import RAILS, SUPPORT, run
 
 
 @pytest.fixture(scope="module")

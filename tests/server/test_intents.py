@@ -5,7 +5,6 @@ slice against the live server is tests/e2e/test_redteam.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 
@@ -20,13 +19,7 @@ from server.errors import ConfigError
 from server.guard import Guard
 from server.intents import BENIGN, IntentClassifier, normalise, windows
 from server.telemetry.metrics import Metrics
-
-RAILS = PROJECT_ROOT / "rails"
-SUPPORT = [RAILS, PROJECT_ROOT / "deployments" / "support" / "rails"]
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.server.rails_dirs import RAILS, SUPPORT, run
 
 
 @pytest.fixture(scope="module")
