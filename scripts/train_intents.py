@@ -83,7 +83,10 @@ def train(data: list[tuple[str, str]], out: Path, c: float, fp_budget: float) ->
             harmful[g] = max(harmful[g], pr)
     others = sorted(set(example_label) - {BENIGN})
     benign = harmful[example_label == BENIGN]
-    thresholds = sorted({0.5, 0.6, 0.7, 0.8, 0.9, *(round(float(np.quantile(benign, 1 - fp)), 2) for fp in (0.005, 0.01, 0.02, 0.03))})
+    # 0.2-0.5 are for the decline stage's `retry_below` (rails/config.yml model_declines):
+    # a declined request under it is retried, so 1 - recall there is the share of harmful
+    # requests whose own refusal by the model would be overridden.
+    thresholds = sorted({0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, *(round(float(np.quantile(benign, 1 - fp)), 2) for fp in (0.005, 0.01, 0.02, 0.03))})
     print("cross-validated: the share of each label's examples at or above the threshold (benign: false positives)")
     print("threshold  " + "  ".join(f"{t:>6}" for t in [BENIGN, *others]))
     for threshold in thresholds:

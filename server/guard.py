@@ -30,6 +30,7 @@ from nemoguardrails.rails.llm.options import RailStatus
 from sqlalchemy import delete, insert
 
 from server.db import guard_events
+from server.declines import DeclinePolicy
 from server.engine.base import GenerationParams
 from server.errors import ConfigError
 from server.handles import Late
@@ -304,6 +305,16 @@ class Guard:
         self.refusal = refusals[0]
         enclave = (self.config.custom_data or {}).get("enclave") or {}
         self._removed_marker = (enclave.get("instructions_in_data") or {}).get("replacement", "[instruction removed]")
+        self.declines = DeclinePolicy.from_config(enclave.get("model_declines"))
+        self._intents_model = (enclave.get("intents") or {}).get("model")
+
+    async def p_harmful(self, text: str) -> float | None:
+        """The harmful-intent classifier's P(harmful) of a message (None: no classifier,
+        or nothing a reader would see)."""
+        if self._intents_model is None:
+            return None
+        score = await self.services.intent_score(self._intents_model, text)
+        return None if score is None else score.p_harmful
 
     def bind(self, embedder: Any, engine: Any) -> None:
         self.services.embedder_handle.set(embedder)

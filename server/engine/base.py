@@ -33,6 +33,9 @@ class GenerationParams:
     json_schema: dict[str, Any] | None = None
     # A regular expression the whole output must match (tool calls); wins over json_schema.
     regex: str | None = None
+    # Phrases the output may not contain (vLLM's bad_words: the phrase's last token is
+    # ruled out after the rest of it).
+    bad_words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

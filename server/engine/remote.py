@@ -181,6 +181,8 @@ class RemoteEngine(Engine):
             body["seed"] = params.seed
         if params.logprobs is not None:
             body["logprobs"] = max(params.logprobs, 1)
+        if params.bad_words:
+            body["bad_words"] = list(params.bad_words)
         if params.regex is not None:
             body["structured_outputs"] = {"regex": params.regex}
         elif params.json_schema is not None:

@@ -186,6 +186,7 @@ class VllmEngine(Engine):
             logprobs=params.logprobs,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured,
+            bad_words=list(params.bad_words) or None,
         )
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:

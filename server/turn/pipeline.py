@@ -2,7 +2,7 @@
 
     prepare:  plan tools → input gate (rails; alongside generation when safe)
               → context (stateful turns) → prompt
-    run:      [gated] → generation | tool loop → output guard
+    run:      [gated] → generation [→ decline retry] | tool loop → output guard
               → audit (guard ledger) → persist (stateful) → settle (turn ledger)
 
 The encoders (server/turn/encoders) turn the events of `run` into an API's shape; the
@@ -29,6 +29,7 @@ from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
 from server.toolcalls.spec import ToolPlan, plan_tools
 from server.turn.context import ContextStage
+from server.turn.decline_retry import DeclineRetry
 from server.turn.events import Choice, Kind, TurnEvent
 from server.turn.generation import Generation
 from server.turn.guard_ledger import GuardLedger
@@ -82,6 +83,7 @@ class ChatServing:
         self.generation = Generation(engine, metrics)
         self.input_gate = InputGate(guard, engine) if guard is not None else None
         self.output_guard = OutputGuard(guard) if guard is not None and guard.has("output") else None
+        self.decline_retry = DeclineRetry(guard, guard.declines, self.generation, metrics) if guard is not None and guard.declines is not None else None
         self.tool_loop = ToolLoop(executor, self.generation, self.prompt, guard, max_tool_steps) if executor is not None else None
         self.context_stage = ContextStage(memory, engine) if memory is not None else None
         self._e2e = metrics.e2e.labels(model=self.model)
@@ -166,6 +168,8 @@ class ChatServing:
         plan = turn.req.plan
         if plan is None or not plan.has_server_tools or self.tool_loop is None:
             events = self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
+            if self.decline_retry is not None and self.decline_retry.applies(turn):
+                events = self.decline_retry.events(turn, progress, events)
         else:
             events = self.tool_loop.events(turn, progress)
         if self.output_guard is not None:
