@@ -49,7 +49,7 @@ class _Policy:
         data_rules = data.get("instructions_in_data") or {}
         self.instructions = compile_all(data_rules.get("patterns"))
         self.replacement = data_rules.get("replacement", "[instruction removed]")
-        self.data_threshold = float(data_rules.get("threshold", 0.76))
+        self.data_threshold = float(data_rules.get("threshold", 0.83))
         self.data_model = data_rules.get("model")
         self.tool_calls = compile_all((data.get("tool_calls") or {}).get("patterns"))
         self.self_check = data.get("self_check") or {}

@@ -45,6 +45,7 @@ def train(data: list[tuple[str, str]], out: Path, c: float, fp_budget: float) ->
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    from evals.redteam.training import digest
     from server.embedder import packaged_model_dir
     from server.intents import BENIGN, IntentClassifier, features, windows
 
@@ -98,7 +99,7 @@ def train(data: list[tuple[str, str]], out: Path, c: float, fp_budget: float) ->
     coef, intercept = model.coef_, model.intercept_
     if len(model.classes_) == 2:  # sklearn keeps one row for two classes: the second's
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    classifier = IntentClassifier(coef, intercept, [str(k) for k in model.classes_], model_dir.parent.name)
+    classifier = IntentClassifier(coef, intercept, [str(k) for k in model.classes_], model_dir.parent.name, digest(data))
     out.parent.mkdir(parents=True, exist_ok=True)
     classifier.save(out)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} ({out.stat().st_size // 1024} KiB, labels {classifier.labels})")

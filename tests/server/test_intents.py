@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from evals.redteam import corpora
-from evals.redteam.training import data_examples, examples
+from evals.redteam.training import data_examples, digest, examples
 from server.config import PROJECT_ROOT
 from server.embedder import Embedder, packaged_model_dir
 from server.errors import ConfigError
@@ -50,6 +50,13 @@ def test_the_split_is_fixed_by_hash_and_training_never_sees_heldout():
     latent = [p for p in attacks if p.family == "latentinjection"]
     assert sum(bool(p.planted) for p in latent) / len(latent) > 0.95
     assert all(p.planted in p.text for p in latent if p.planted)
+
+
+def test_the_shipped_classifiers_were_trained_on_the_data_the_repository_holds():
+    # Changing a reference, a red-team set or the benign set without retraining (python
+    # scripts/train_intents.py) leaves the rails judging by data nobody can see.
+    for name, pairs in (("classifier.npz", examples()), ("instructions.npz", data_examples())):
+        assert IntentClassifier.load(PROJECT_ROOT / "rails" / "intents" / name).trained_on == digest(pairs), f"retrain {name}"
 
 
 def test_the_benign_set_is_large_varied_and_new():
