@@ -1,8 +1,8 @@
 """The model declining a request the rails let through ("I'm sorry, but as a chatbot, I
 don't have the ability to…").
 
-Small models decline ordinary requests in their own words: SmolLM2-135M answers about one
-support question in five that way. Whether a request may be answered is the rails'
+Small models decline ordinary requests in their own words: SmolLM2-135M answers about a
+quarter of support requests and a tenth of general ones that way (scripts/declines.py). Whether a request may be answered is the rails'
 decision, not the model's (its refusals are luck either way), so an answer that opens by
 declining a request the rails judged clearly benign is generated once more with the
 phrases of declining ruled out. A request in the rails' uncertain band keeps the model's
@@ -10,7 +10,7 @@ decline. The policy is data in `rails/config.yml` (`model_declines`).
 
 An answer is judged on its opening only: a decline comes first. Text that cannot start a
 decline is released at once; text that might is held until it is one, or the opening is
-complete without one (`Opening`).
+complete without one (`DeclinePolicy.judge`).
 """
 
 from __future__ import annotations
