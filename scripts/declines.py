@@ -42,9 +42,10 @@ def _rails_without_the_stage(into: Path) -> Path:
     rails = into / "rails"
     shutil.copytree(ROOT / "rails", rails, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = rails / "config.yml"
-    text = cfg.read_text()
-    assert "      enabled: true\n" in text, "rails/config.yml: model_declines.enabled not found"
-    cfg.write_text(text.replace("      enabled: true\n", "      enabled: false\n", 1))
+    # Edited as text, so the copy keeps everything else as it is; only this block's switch.
+    head, block = cfg.read_text().split("    model_declines:\n", 1)
+    assert "      enabled: true\n" in block, "rails/config.yml: model_declines.enabled not found"
+    cfg.write_text(head + "    model_declines:\n" + block.replace("      enabled: true\n", "      enabled: false\n", 1))
     return rails
 
 

@@ -65,17 +65,6 @@ def test_a_policy_that_is_off_or_absent_is_none():
     assert DeclinePolicy.from_config(None) is None and DeclinePolicy.from_config({"enabled": False, "patterns": ["x"]}) is None
 
 
-@pytest.fixture
-def engine():
-    return ScriptedEngine(served_model="scripted", max_model_len=256)
-
-
-@pytest.fixture
-def api(engine, tmp_path):
-    with TestClient(create_app(load_settings(data_dir=tmp_path), engine=engine)) as client:
-        yield client
-
-
 def _answers(engine):
     return [c for c in engine.calls if not c.request_id.startswith("guard-")]
 

@@ -151,17 +151,6 @@ def test_output_window_never_releases_a_card_number_split_over_tokens(guard):
 # ------------------------------------------------------------------ the turn pipeline
 
 
-@pytest.fixture
-def engine():
-    return ScriptedEngine(served_model="scripted", max_model_len=256)
-
-
-@pytest.fixture
-def api(engine, tmp_path):
-    with TestClient(create_app(load_settings(data_dir=tmp_path), engine=engine)) as client:
-        yield client
-
-
 def test_blocked_input_is_a_refusal_with_content_filter_and_nothing_generated_is_seen(api, engine, tmp_path):
     # The generation that started alongside the rails (no PII, no server tools) is dropped.
     engine.queue("LEAKED words of the speculative answer")
