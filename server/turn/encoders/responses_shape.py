@@ -33,6 +33,9 @@ class ResponseShape:
         self.id = response_id
         self.model = model
         self.created = int(time.time())
+        # Set when the response is first shaped as finished: the stored object and the
+        # returned one are shaped separately and must agree even across a second boundary.
+        self.completed_at: int | None = None
         self.msg_id = new_id("message")
         self.fs_id = new_id("file_search_call")
         self.call_ids: list[str] = []
@@ -105,11 +108,13 @@ class ResponseShape:
         if incomplete is not None:
             # The answer that was cut short or withheld is an incomplete item too.
             output = [{**i, "status": "incomplete"} if i.get("type") == "message" else i for i in output]
+        if status in ("completed", "incomplete") and self.completed_at is None:
+            self.completed_at = int(time.time())
         body: dict[str, Any] = {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
-            "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+            "completed_at": self.completed_at if status in ("completed", "incomplete") else None,
             "status": status,
             "error": error,
             "incomplete_details": incomplete,
