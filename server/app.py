@@ -45,13 +45,14 @@ from server.memory.episodic import EpisodicMemory
 from server.memory.ingestion import IngestWorker, lease_owner
 from server.memory.knowledge import KnowledgeBase
 from server.memory.parsing import Limits
+from server.memory.store_migration import move_legacy_chunks
 from server.memory.vectors import ChromaCollections
-from server.model_registry import ModelRegistry
 from server.middleware import (
     BodyLimitMiddleware,
     DeadlineMiddleware,
     RequestMetricsMiddleware,
 )
+from server.model_registry import ModelRegistry
 from server.profiles import ModelProfile, find_profile
 from server.routes import (
     actions,
@@ -369,10 +370,12 @@ def build_memory(settings: Settings, db: Database, embedder: Late[Embedder], gua
     """Conversations (SQL) and vectors (Chroma) open before binding, like the database:
     an unreachable Chroma server stops start-up with the setting to fix."""
     vectors = ChromaCollections.open(settings.data_dir, settings.chroma_url, settings.chroma_token)
+    knowledge = KnowledgeBase(db, vectors, embedder, settings.data_dir / "files")
+    move_legacy_chunks(db, vectors, knowledge.store_chunks)  # stores made before each had its own collection
     return MemoryServices(
         ConversationStore(db),
         EpisodicMemory(db, vectors, embedder, settings.memory_recall_k),
-        KnowledgeBase(db, vectors, embedder, settings.data_dir / "files"),
+        knowledge,
         output_reserve=settings.context_output_reserve,
         summary_tokens=settings.summary_tokens,
         guard=guard,

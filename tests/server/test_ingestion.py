@@ -120,7 +120,7 @@ def test_removing_a_file_while_it_is_indexed_leaves_no_chunks(make_api):
         assert api.delete(f"/v1/vector_stores/{store}/files/{file_id}").json()["deleted"] is True
         _idle(api)
         kb = api.app.state.runtime.memory.knowledge
-        left = kb._kb("default").get(where={"file_id": file_id})["ids"]
+        left = kb.store_chunks("default", store).get(where={"file_id": file_id})["ids"]
         assert left == []
         assert api.get(f"/v1/vector_stores/{store}/files/{file_id}").status_code == 404
 
@@ -137,7 +137,7 @@ def test_a_file_left_in_progress_by_a_stopped_server_is_taken_up_again(make_api)
         assert row["status"] == "completed" and row["chunks"] >= 100, row
         with api.app.state.runtime.db.connect() as conn:
             assert conn.execute(vector_store_files.select()).mappings().one()["attempts"] == 2
-        ids = api.app.state.runtime.memory.knowledge._kb("default").get(where={"file_id": file_id})["ids"]
+        ids = api.app.state.runtime.memory.knowledge.store_chunks("default", store).get(where={"file_id": file_id})["ids"]
         assert len(ids) == row["chunks"]  # the first attempt's chunks were replaced, not doubled
 
 
