@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.embedder_onnx import OnnxEncoder, default_cache_dir
 from server.errors import ConfigError, InvalidRequestError
-
 
 RECENT_TEXTS = 256
 
@@ -86,8 +86,16 @@ class EmbeddingGate:
         self._busy = False
 
 
+# At most this many texts go through the ONNX path (server/embedder_onnx.py); bulk
+# batches stay on PyTorch, whose thread count the ingestion workers set per batch.
+ONNX_MAX_TEXTS = 8
+
+
 class Embedder:
-    def __init__(self, model_dir: Path, name: str):
+    def __init__(self, model_dir: Path, name: str, cache_dir: Path | None = None, onnx: bool = True):
+        """`cache_dir`: where the ONNX export of the model is kept across starts (default:
+        the user's cache, shared by every server of the machine); `onnx` False: PyTorch
+        embeds everything."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"embedding model directory {model_dir} has no config.json")
@@ -106,6 +114,7 @@ class Embedder:
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         # When an interactive caller last asked: bulk work steps back while chats go on.
         self.last_interactive = float("-inf")
+        self._onnx = OnnxEncoder.load(self._model, model_dir, cache_dir or default_cache_dir()) if onnx else None
 
     def texts_from_input(self, raw: str | list) -> list[str]:
         """Normalise OpenAI's four input shapes (text, texts, token ids, lists of ids)."""
@@ -134,6 +143,8 @@ class Embedder:
         return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     def _encode(self, texts: list[str], threads: int | None) -> np.ndarray:
+        if threads is None and self._onnx is not None and len(texts) <= ONNX_MAX_TEXTS:
+            return self._onnx.encode(texts)
         if threads is None:
             return self._model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         import torch
