@@ -33,16 +33,17 @@ def move_legacy_chunks(db: Database, vectors: ChromaCollections, store_chunks: C
     # chromadb loads lazily, as in vectors.py
     from chromadb.errors import NotFoundError as ChromaNotFound
 
+    # Every start asks once per tenant; a tenant's store ids are read only when it has
+    # something to move.
     with db.connect() as conn:
-        rows = conn.execute(select(vector_stores.c.tenant, vector_stores.c.id)).all()
-    stores: dict[str, set[str]] = {}
-    for tenant, store_id in rows:
-        stores.setdefault(tenant, set()).add(store_id)
+        tenants = conn.execute(select(vector_stores.c.tenant).distinct()).scalars().all()
     moved = 0
-    for tenant, ids in stores.items():
+    for tenant in tenants:
         legacy = vectors.existing(LEGACY_KIND, tenant)
         if legacy is None:
             continue
+        with db.connect() as conn:
+            ids = set(conn.execute(select(vector_stores.c.id).where(vector_stores.c.tenant == tenant)).scalars())
         try:
             moved += _move_tenant(legacy, tenant, ids, store_chunks)
         except ChromaNotFound:
