@@ -137,11 +137,15 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
     unbilled0 = live_server.metric("enclave_engine_seconds_unbilled_total")
     cost0 = live_server.metric("enclave_cost_usd_total", tenant="costco")
 
+    # Long enough to overlap in the engine however slowly /metrics answers on a busy
+    # machine (with 8-36 tokens a CI run saw only two samples, before and after).
+    lengths = [32 + 8 * i for i in range(8)]
+
     def ask(i: int):
         return c.chat.completions.create(
             model="smollm2",
             messages=[{"role": "user", "content": f"How long does delivery of order {i} take?"}],
-            max_tokens=8 + 4 * i,
+            max_tokens=lengths[i],
             extra_body={"ignore_eos": True, **({"conversation": f"cost-{i}"} if i < 4 else {})},
         )
 
@@ -171,7 +175,7 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
     for rid, v in costs.items():
         assert by_request[rid]["cost_usd"] == pytest.approx(v["usd"], abs=1e-12)
         assert by_request[rid]["engine_seconds"] == pytest.approx(v["engine_seconds"], abs=1e-6)
-    assert sum(o.usage.completion_tokens for o in outs) == usage["total"]["completion_tokens"] == sum(8 + 4 * i for i in range(8))
+    assert sum(o.usage.completion_tokens for o in outs) == usage["total"]["completion_tokens"] == sum(lengths)
     assert sum(o.usage.prompt_tokens for o in outs) == usage["total"]["prompt_tokens"]
     # cost = engine seconds x the profile's price
     assert usage["total"]["cost_usd"] == pytest.approx(usage["total"]["engine_seconds"] * usage["cost_per_hour"] / 3600, rel=1e-9)
