@@ -45,6 +45,7 @@ from server.memory.episodic import EpisodicMemory
 from server.memory.ingestion import IngestWorker, lease_owner
 from server.memory.knowledge import KnowledgeBase
 from server.memory.parsing import Limits
+from server.memory.response_cache import ResponseCache
 from server.memory.store_migration import move_legacy_chunks
 from server.memory.vectors import ChromaCollections
 from server.middleware import (
@@ -119,7 +120,7 @@ class Runtime:
         # serving by profile name once loaded.
         self.tier_profiles: list[tuple[ModelProfile, Path]] = []
         self.models = ModelRegistry(settings.embedding_model_name, self.started)
-        self.forgetter = Forgetter(db, memory.episodic, tracing) if memory is not None and db is not None else None
+        self.forgetter = Forgetter(db, memory.episodic, tracing, memory.cache) if memory is not None and db is not None else None
         self.ingest: IngestWorker | None = None
         self._warming: asyncio.Task | None = None  # precompiling after an engine restart
 
@@ -380,6 +381,7 @@ def build_memory(settings: Settings, db: Database, embedder: Late[Embedder], gua
         summary_tokens=settings.summary_tokens,
         guard=guard,
         metrics=metrics,
+        cache=ResponseCache(db, vectors, embedder, settings.response_cache) if settings.response_cache.mode != "off" else None,
     )
 
 

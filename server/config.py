@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,20 @@ from server.routing import RoutingConfig
 
 # The repository's own models/ directory: profiles ship with the code.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ResponseCacheConfig(BaseModel):
+    """`response_cache:` in the settings (or ENCLAVE_RESPONSE_CACHE as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # off: never; opt_in: only requests that ask (`"cache": true`); on: every eligible
+    # request unless it says `"cache": false`.
+    mode: Literal["off", "opt_in", "on"] = "off"
+    # Cosine similarity a question must reach to be answered from a different question's
+    # entry; 1.0 turns semantic matching off (exact matches only).
+    similarity: float = Field(0.95, gt=0.0, le=1.0)
+    ttl_s: float = Field(24 * 3600.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -112,6 +126,8 @@ class Settings(BaseSettings):
     ingest_share: float = Field(0.5, gt=0, le=1)
     # Memories recalled into a turn.
     memory_recall_k: int = Field(4, ge=0, le=32)
+    # Answers kept and given again for repeated questions (server/memory/response_cache.py).
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
     # Traces are always kept in SQL; with an OTLP/HTTP endpoint (e.g.
     # http://collector:4318/v1/traces) they are exported there too. Empty: the standard
     # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable, if set.

@@ -1,5 +1,5 @@
-"""Relational state (SQLAlchemy Core): conversations, knowledge files, pending actions and
-the tool audit log.
+"""Relational state (SQLAlchemy Core): conversations, knowledge files, pending actions,
+the tool audit log and the response cache.
 
 SQLite file by default, any SQLAlchemy URL (PostgreSQL) by setting. Nothing that must
 survive a restart or be shared by replicas lives in process memory: rate limits are
@@ -245,6 +245,29 @@ vector_store_files = Table(
     Index("ix_vector_store_files_status", "status"),
 )
 
+
+# The response cache (memory/response_cache.py): answers kept for a tenant, or for one
+# user when they came from that user's memory, conversation or personal data ("owner"
+# set). `exact_key` finds the same request again; `context_key` (everything but the
+# question) scopes the semantic search, whose vectors are in Chroma. Both keys include
+# the digests of the vector stores the answer drew on, so a changed source is a miss.
+response_cache = Table(
+    "response_cache",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128)),  # None: shared by the tenant's users
+    Column("model", String(128), nullable=False),
+    Column("exact_key", String(64), nullable=False),
+    Column("context_key", String(64), nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("finish_reason", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),
+    Column("hits", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_response_cache_exact", "tenant", "exact_key"),
+    Index("ix_response_cache_owner", "tenant", "user"),
+)
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"

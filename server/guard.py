@@ -16,6 +16,7 @@ Each rail's latency is measured from NeMo's activated-rails log and exported per
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -292,6 +293,9 @@ class Guard:
         self.metrics = metrics
         dirs = [paths] if isinstance(paths, Path) else list(paths)
         self.config, self._rails = _load_rails(dirs)
+        # What the rails in force are, file by file: answers kept under other rails
+        # (the response cache) are not given under these.
+        self.policy_digest = _files_digest(dirs)
         self.services = RailServices(embedder, engine, _load_classifiers(self.config, dirs))
         self.audit = audit
         for r in {id(x): x for x in self._rails.values()}.values():
@@ -550,3 +554,12 @@ class GuardAudit:
         ]
         with self.db.begin() as conn:
             conn.execute(insert(guard_events), rows)
+
+
+def _files_digest(dirs: list[Path]) -> str:
+    h = hashlib.sha256()
+    for i, d in enumerate(dirs):
+        for f in sorted(p for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            h.update(f"{i}\0{f.relative_to(d).as_posix()}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:32]

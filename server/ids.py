@@ -23,6 +23,7 @@ PREFIXES = {
     "action": "act_",
     "vector_store": "vs_",
     "file": "file-",
+    "cached_response": "rc_",
 }
 
 

@@ -107,6 +107,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class CacheControl(BaseModel):
+    """A request's say over the response cache (LiteLLM's spelling): `no-cache` skips
+    the lookup (the fresh answer is still kept), `no-store` keeps the answer out."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    no_cache: bool = Field(False, alias="no-cache")
+    no_store: bool = Field(False, alias="no-store")
+
+
+# `cache` of a request: true (use it; what opts in under mode opt_in), false (neither look
+# up nor keep), an object (CacheControl), or absent (the deployment's mode decides).
+CacheField = bool | CacheControl | None
+
+
 class ChatCompletionRequest(OpenAIModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
@@ -141,6 +156,8 @@ class ChatCompletionRequest(OpenAIModel):
     # vector_store_ids retrieve knowledge for the turn (default: the API key's stores).
     conversation: str | None = Field(None, min_length=1, max_length=256)
     vector_store_ids: list[str] | None = None
+    # --- extension (response cache, server/memory/response_cache.py)
+    cache: CacheField = None
 
     def chat_messages(self, stored_history: bool = False) -> list[dict[str, str]]:
         """Messages for the chat template. `developer` is the newer name of `system`;
@@ -320,6 +337,11 @@ class ChatCompletion(BaseModel):
     # --- extensions: routing ---
     # Where a turn asked for under a routing alias went, and why (server/routing.py).
     routing: dict[str, Any] | None = None
+    # --- extensions: response cache ---
+    # Whether the answer came from the cache (status "hit": kind exact or semantic, the
+    # entry's id, similarity, when it was kept) or was generated ("miss", with the id it
+    # was kept under); null when the cache was not used for the turn.
+    cache: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -403,6 +425,8 @@ class ResponsesRequest(OpenAIModel):
     service_tier: Literal["auto", "default"] | None = None
     safety_identifier: str | None = Field(None, max_length=64)
     prompt_cache_key: str | None = Field(None, max_length=256)
+    # Extension: the response cache, as on chat completions.
+    cache: CacheField = None
 
     def conversation_name(self) -> str | None:
         conv = self.conversation

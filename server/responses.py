@@ -164,6 +164,7 @@ def chat_request(req: ResponsesRequest, tools: list[dict[str, Any]] | None, tool
         "parallel_tool_calls": req.parallel_tool_calls,
         "max_completion_tokens": req.max_output_tokens,
         "response_format": _response_format(req.text),
+        "cache": req.cache,
     }
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if getattr(req, name) is not None:

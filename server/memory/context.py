@@ -20,6 +20,7 @@ from server.errors import InvalidRequestError
 from server.memory.conversations import ConversationStore, Thread
 from server.memory.episodic import EpisodicMemory, Memory
 from server.memory.knowledge import Hit, KnowledgeBase
+from server.memory.response_cache import ResponseCache
 from server.memory.sources import ContextSource, EpisodicMemories, Knowledge
 from server.memory.window import ContextWindow, Window
 from server.protocol import ChatCompletionRequest
@@ -73,8 +74,10 @@ class MemoryServices:
         *,
         guard: Any = None,
         metrics: Any = None,
+        cache: ResponseCache | None = None,
     ):
         self.conversations = conversations
+        self.cache = cache  # None: the response cache is off
         self.episodic = episodic
         self.knowledge = knowledge
         self.output_reserve = output_reserve

@@ -320,6 +320,24 @@ class KnowledgeBase:
             )
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
+    def fingerprints(self, tenant: str, store_ids: list[str]) -> dict[str, str]:
+        """A digest per store of what it holds (each file, its state and chunk count):
+        it changes whenever a file is added, removed or finishes indexing, so an answer
+        kept with it (the response cache) is known to be stale once its sources moved."""
+        wanted = sorted(set(store_ids))
+        if not wanted:
+            return {}
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(vector_store_files.c.vector_store_id, vector_store_files.c.file_id, vector_store_files.c.status, vector_store_files.c.chunks)
+                .where(vector_store_files.c.tenant == tenant, vector_store_files.c.vector_store_id.in_(wanted))
+                .order_by(vector_store_files.c.vector_store_id, vector_store_files.c.file_id)
+            ).all()
+        digests = {s: hashlib.sha256(s.encode()) for s in wanted}
+        for store_id, file_id, status, chunks in rows:
+            digests[store_id].update(f"\0{file_id}:{status}:{chunks}".encode())
+        return {s: d.hexdigest()[:32] for s, d in digests.items()}
+
     # ---------------------------------------------------------------- search
 
     async def search(self, principal: Principal, store_ids: list[str], query: str, k: int, param: str = "vector_store_id") -> list[Hit]:

@@ -80,6 +80,9 @@ class Metrics:
         self.retrieval_latency = Histogram(
             "enclave_retrieval_latency_seconds", "Knowledge search for one turn, embedding included", buckets=_LATENCY, registry=r
         )
+        self.response_cache = Counter(
+            "enclave_response_cache", "Response cache lookups (hit_exact, hit_semantic, miss) and answers stored", ["model", "result"], registry=r
+        )
         self.recall_latency = Histogram("enclave_memory_recall_latency_seconds", "Episodic memory recall for one turn", buckets=_LATENCY, registry=r)
         self.ingested = Counter("enclave_ingested_files", "Vector-store files indexed, by outcome", ["outcome"], registry=r)
         self.ingest_seconds = Histogram(

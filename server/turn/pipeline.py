@@ -2,7 +2,8 @@
 
     prepare:  plan tools → input gate (rails; alongside generation when safe)
               → context (stateful turns) → prompt
-    run:      [gated] → generation [→ decline retry] | tool loop → output guard
+    run:      [gated] → [cache hit |] generation [→ decline retry] | tool loop → output guard
+              [→ cache store]
               → audit (guard ledger) → persist (stateful) → settle (turn ledger)
 
 The encoders (server/turn/encoders) turn the events of `run` into an API's shape; the
@@ -28,6 +29,7 @@ from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
 from server.toolcalls.spec import ToolPlan, plan_tools
+from server.turn.cache_stage import CacheStage
 from server.turn.context import ContextStage
 from server.turn.decline_retry import DeclineRetry
 from server.turn.events import Choice, Kind, TurnEvent
@@ -86,6 +88,12 @@ class ChatServing:
         self.decline_retry = DeclineRetry(guard, guard.declines, self.generation, metrics) if guard is not None and guard.declines is not None else None
         self.tool_loop = ToolLoop(executor, self.generation, self.prompt, guard, max_tool_steps) if executor is not None else None
         self.context_stage = ContextStage(memory, engine) if memory is not None else None
+        cache = memory.cache if memory is not None else None
+        self.cache_stage = (
+            CacheStage(cache, memory.knowledge, self.model, metrics, guard.policy_digest if guard is not None else None)  # type: ignore[union-attr]
+            if cache is not None
+            else None
+        )
         self._e2e = metrics.e2e.labels(model=self.model)
 
     def available(self) -> bool:
@@ -165,6 +173,12 @@ class ChatServing:
     def _generated(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
         if turn.report.refusal is not None:
             return _refusal(turn)
+        if self.cache_stage is not None and self.cache_stage.applies(turn):
+            return self.cache_stage.events(turn, progress, lambda: self._fresh(turn, progress))
+        return self._fresh(turn, progress)
+
+    def _fresh(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
+        """The answer generated: by the model, through the rails on its output."""
         plan = turn.req.plan
         if plan is None or not plan.has_server_tools or self.tool_loop is None:
             events = self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
@@ -223,6 +237,8 @@ class ChatServing:
             out["cost"] = cost
         if report.route is not None:
             out["routing"] = report.route.public()
+        if report.cache is not None:
+            out["cache"] = report.cache
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

@@ -55,6 +55,7 @@ class Report:
     pending_action: dict[str, Any] | None = None
     refusal: Verdict | None = None  # the input rails' verdict when they refused
     route: Decision | None = None  # where the router sent a turn asked for by alias
+    cache: dict[str, Any] | None = None  # the response cache's part (cache_stage.py)
 
 
 @dataclass

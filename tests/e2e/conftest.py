@@ -138,6 +138,8 @@ def live_server(tmp_path_factory) -> LiveServer:
         # A 2048-token window: the long-conversation test crosses it many times over in
         # 200 turns without spending minutes on each prompt.
         "ENCLAVE_ENGINE_OVERRIDES": '{"max_model_len": 2048}',
+        # Opt-in: only requests that send `"cache": true` use it (tests/e2e/test_response_cache.py).
+        "ENCLAVE_RESPONSE_CACHE": '{"mode": "opt_in", "similarity": 0.9}',
     }
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, None, keys, port, env)  # type: ignore[arg-type]
     start(server)
