@@ -54,3 +54,25 @@ def test_a_pipeline_it_does_not_reproduce_stays_on_pytorch(embedder):
         assert OnnxEncoder.load(embedder._model, packaged_model_dir(), None) is None
     finally:
         pooling.pooling_mode = before
+
+
+def test_stages_asking_for_one_text_at_once_share_one_encode(embedder):
+    # The input rails and the response cache's lookup embed a turn's message together.
+    encodes = []
+    before = embedder.gate.hold
+
+    def counted(tenant=None):
+        encodes.append(tenant)
+        return before(tenant)
+
+    embedder.gate.hold = counted
+    try:
+
+        async def together():
+            return await asyncio.gather(*(embedder.embed_one("Where is parcel 7731?") for _ in range(3)), embedder.embed_one("Another text"))
+
+        a, b, c, other = asyncio.run(together())
+    finally:
+        del embedder.gate.hold
+    assert len(encodes) == 2 and a is b is c and not np.array_equal(a, other)
+    assert embedder._pending == {}
