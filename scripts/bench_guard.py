@@ -1,10 +1,11 @@
 """What the guardrails cost: TTFT and throughput with all default rails on vs off, and
 each rail's latency (p50/p95) as the server reports it in /metrics.
 
-    python scripts/bench_guard.py [--rounds 3] [--concurrency 8]
+    python scripts/bench_guard.py [--rounds 3] [--concurrency 8] [--nemo]
 
 Two servers run side by side on the same model: one with rails/ (the default), one
-with ENCLAVE_RAILS=false. Each round times a block of requests on each (the order
+with ENCLAVE_RAILS=false (and with --nemo a third, whose rails all run through NeMo's
+Colang runtime: ENCLAVE_RAILS_COMPILED=false). Each round times a block of requests on each (the order
 swapped every round, after the other engine has settled: vLLM's CPU engine keeps its
 cores busy for a moment after work), so machine noise falls on both alike. The requests are the benign
 support set of the red-team tests (tests/redteam/benign.jsonl) with a support system
@@ -76,24 +77,34 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds between blocks")
+    parser.add_argument("--nemo", action="store_true", help="a third server: rails on, every check through NeMo's runtime")
     args = parser.parse_args()
     texts = [json.loads(x)["text"] for x in (ROOT / "tests/redteam/benign.jsonl").read_text().splitlines() if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-guard-"))
     procs, clients = {}, {}
     try:
-        for name, rails in (("on", "true"), ("off", "false")):
+        servers = [("on", "true", "true"), ("off", "false", "true")] + ([("nemo", "true", "false")] if args.nemo else [])
+        for name, rails, compiled in servers:
             port = free_port()
-            env = {**os.environ, "ENCLAVE_DATA_DIR": str(work / name), "HF_HUB_OFFLINE": "1", "ENCLAVE_RAILS": rails, "ENCLAVE_DEPLOYMENT": "support"}
+            env = {
+                **os.environ,
+                "ENCLAVE_DATA_DIR": str(work / name),
+                "HF_HUB_OFFLINE": "1",
+                "ENCLAVE_RAILS": rails,
+                "ENCLAVE_RAILS_COMPILED": compiled,
+                "ENCLAVE_DEPLOYMENT": "support",
+            }
             procs[name] = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, work / f"{name}.log")
             wait_ready(f"http://127.0.0.1:{port}/ready", procs[name], work / f"{name}.log")
             clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=300)
         for c in clients.values():  # warm both (prefix cache of the system prompt, rails' lazy parts)
             for t in texts[:3]:
                 stream(c, t, 4)
-        ttft: dict[str, list[float]] = {"on": [], "off": []}
-        tput: dict[str, list[float]] = {"on": [], "off": []}
+        names = [n for n, _, _ in servers]
+        ttft: dict[str, list[float]] = {n: [] for n in names}
+        tput: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
-            for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 # vLLM's CPU engine keeps its cores busy for a while after a burst: let the
                 # other server's engine settle before timing this one.
                 time.sleep(args.settle)
@@ -113,6 +124,10 @@ def main() -> None:
         t_on, t_off = statistics.median(tput["on"]), statistics.median(tput["off"])
         print(f"throughput ({args.concurrency} concurrent streams, {args.max_tokens} tokens): rails on {t_on:.1f} tok/s, "
               f"off {t_off:.1f} tok/s, ratio {t_on / t_off:.3f}")
+        if args.nemo:
+            nemo, t_nemo = statistics.median(ttft["nemo"]), statistics.median(tput["nemo"])
+            print(f"rails through NeMo's runtime (ENCLAVE_RAILS_COMPILED=false): TTFT p50 {nemo:.1f} ms (ratio to off {nemo / off:.3f}, "
+                  f"p95 {p95(ttft['nemo']):.1f} ms), throughput {t_nemo:.1f} tok/s (ratio {t_nemo / t_off:.3f})")
         metrics = clients["on"].get(str(clients["on"].base_url).rstrip("/").removesuffix("/v1") + "/metrics").text
         print("per-rail latency from /metrics (enclave_rail_latency_recent_seconds):")
         for (stage, rail), q in sorted(rail_quantiles(metrics).items()):

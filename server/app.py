@@ -438,7 +438,15 @@ def create_app(
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
         rails_dirs = [settings.rails_dir] + ([deployment.rails_dir] if deployment.rails_dir else [])
-        guard = Guard(rails_dirs, metrics, settings.rails_canary, audit=GuardAudit(db), embedder=embedder_handle, engine=engine_handle)
+        guard = Guard(
+            rails_dirs,
+            metrics,
+            settings.rails_canary,
+            audit=GuardAudit(db),
+            embedder=embedder_handle,
+            engine=engine_handle,
+            compiled=settings.rails_compiled,
+        )
     executor = Executor(registry, db, settings.action_ttl_s, guard=guard, metrics=metrics)
     memory_services = build_memory(settings, db, embedder_handle, guard, metrics)
     otlp = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # with the deployment's own rails on top of it.
     rails: bool = True
     rails_dir: Path = PROJECT_ROOT / "rails"
+    # Run each stage's flows as a compiled plan of their actions (server/rail_plan.py);
+    # false: every check through NeMo's Colang runtime (the same decisions, slower).
+    rails_compiled: bool = True
     # The system-prompt canary the leak rail looks for; empty: a new random one per
     # process. Pin a secret one where answers must be the same across restarts (evals).
     rails_canary: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{6,32}$")

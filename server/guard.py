@@ -6,17 +6,21 @@ message that names it. Each stage has its own list of flows in config.yml (NeMo'
 `check_async` runs input and output rails only, so the retrieval and tool stages run
 as the input pass of an LLMRails built from the same directory with that stage's flows:
 the chunk or tool text is the message, and the flows are written that way (flows.co).
+A stage whose flows are all plain checks runs as a compiled plan of their actions
+(server/rail_plan.py) instead of through NeMo's Colang interpreter, with the same result.
 
 A verdict is passed, modified (masked or neutralised) or blocked; every rail that
 changed or stopped something becomes a GuardEvent, which the turn reports in its
 response, the audit table and the log, with a reason and never the matched text.
-Each rail's latency is measured from NeMo's activated-rails log and exported per rail
+Each rail's latency is measured from the activated-rails log (NeMo's, or the plan's
+in the same terms) and exported per rail
 (`enclave_rail_latency_seconds`, and p50/p95 in `enclave_rail_latency_recent_seconds`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -37,9 +41,12 @@ from server.errors import ConfigError
 from server.handles import Late
 from server.ids import internal_id
 from server.intents import IntentClassifier, IntentScore, normalise, windows
+from server.rail_plan import Activated, RailPlan
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
+
+log = logging.getLogger(__name__)
 
 # NeMo's own verdict vocabulary: passed, modified (masked, neutralised, rewritten), blocked.
 Status = RailStatus
@@ -287,9 +294,11 @@ class Guard:
         audit: GuardAudit | None = None,
         embedder: Late[Any] | None = None,
         engine: Late[Any] | None = None,
+        compiled: bool = True,
     ):
         """`paths`: the base rails directory, then the deployment's on top of it.
-        `embedder`, `engine`: handles of the models rails may use, filled once loaded."""
+        `embedder`, `engine`: handles of the models rails may use, filled once loaded.
+        `compiled` False: every check through NeMo's runtime (server/rail_plan.py)."""
         self.metrics = metrics
         dirs = [paths] if isinstance(paths, Path) else list(paths)
         self.config, self._rails = _load_rails(dirs)
@@ -300,6 +309,18 @@ class Guard:
         self.audit = audit
         for r in {id(x): x for x in self._rails.values()}.values():
             r.register_action_param("enclave", self.services)
+        # Each stage's flows as a plan of their actions, run without the Colang
+        # interpreter; a stage with a flow of another shape stays with NeMo.
+        self._plans: dict[str, RailPlan] = {}
+        for stage in Stage if compiled else ():
+            if self.has(stage.value):
+                flows = list(getattr(self.config.rails, STAGES[stage].nemo_key).flows)
+                variable = "bot_message" if STAGES[stage].runs_as == "output" else "user_message"
+                plan = RailPlan.compile(self._rails[stage.value], flows, variable)
+                if plan is not None:
+                    self._plans[stage.value] = plan
+                else:
+                    log.info("guardrails %s: a flow is not a plain check; the stage runs through NeMo's runtime", stage.value)
         # A secret marker in every system prompt: an answer that repeats it is leaking
         # the prompt. New per process, so it cannot be learned from an earlier leak,
         # unless the operator pins it: it is part of every prompt, so runs that must
@@ -338,25 +359,16 @@ class Guard:
         stage = Stage(stage).value  # a plain string in labels, spans and audit rows
         if not self.has(stage):
             return Verdict(stage, Status.PASSED, text)
-        rails = self._rails[stage]
-        messages: list[dict[str, Any]] = []
-        if context:
-            messages.append({"role": "context", "content": context})
         kind = STAGES[Stage(stage)].runs_as
-        if kind == "output":
-            messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
-        else:
-            messages.append({"role": "user", "content": text})
         with tracing.span(f"guardrails {stage}", enclave__guard__stage=stage) as span:
-            res = await rails.generate_async(messages=messages, options={"rails": [kind], "log": {"activated_rails": True}})
-            content = res.response[-1].get("content", "") if isinstance(res.response, list) and res.response else ""
+            content, activated = await self._run(stage, kind, text, context)
             events: list[GuardEvent] = []
             blocked: GuardEvent | None = None
-            for rail in res.log.activated_rails if res.log else []:
+            for rail in activated:
                 if rail.duration is not None:
                     self.metrics.rail_latency.labels(stage=stage, rail=rail.name).observe(rail.duration)
                     self.metrics.rail_quantiles.observe(stage, rail.name, rail.duration)
-                outcome = _outcome(rail)
+                outcome = rail.outcome
                 verdict = _verdict(rail, outcome)
                 if rail.stop:
                     blocked = GuardEvent(stage, rail.name, "blocked", _reason(rail, outcome))
@@ -383,6 +395,33 @@ class Guard:
         if content != text:
             return Verdict(stage, Status.MODIFIED, content, events=events)
         return Verdict(stage, Status.PASSED, text, events=events)
+
+    async def _run(self, stage: str, kind: str, text: str, context: dict[str, Any] | None) -> tuple[str, list[Activated]]:
+        """The stage's rails on `text`: the text they leave (or the block's message) and
+        each rail that ran. The compiled plan when the stage has one; NeMo otherwise, and
+        when an action of the plan fails (NeMo's failure handling then applies)."""
+        plan = self._plans.get(stage)
+        if plan is not None:
+            try:
+                done = await plan.run(text, context)
+            except Exception:  # any failure: the same check through NeMo
+                log.warning("guardrails %s: the compiled plan failed; running the check through NeMo", stage, exc_info=True)
+            else:
+                return done.text, done.rails
+        return await self._nemo(stage, kind, text, context)
+
+    async def _nemo(self, stage: str, kind: str, text: str, context: dict[str, Any] | None) -> tuple[str, list[Activated]]:
+        messages: list[dict[str, Any]] = []
+        if context:
+            messages.append({"role": "context", "content": context})
+        if kind == "output":
+            messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+        else:
+            messages.append({"role": "user", "content": text})
+        res = await self._rails[stage].generate_async(messages=messages, options={"rails": [kind], "log": {"activated_rails": True}})
+        content = res.response[-1].get("content", "") if isinstance(res.response, list) and res.response else ""
+        activated = [Activated(r.name, _outcome(r), bool(r.stop), r.started_at, r.finished_at, r.duration) for r in (res.log.activated_rails if res.log else [])]
+        return content, activated
 
     async def tool_result(self, content: str) -> tuple[str, list[GuardEvent]]:
         """A tool's result as the model may read it: instructions neutralised, personal
