@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import and_, delete, insert, select, update
@@ -71,7 +71,6 @@ class CacheHit:
     finish_reason: str
     created_at: float
     similarity: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         """The response's `cache` extension field."""

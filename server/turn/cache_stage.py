@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -29,7 +30,9 @@ from server.telemetry.redaction import LABELS
 from server.turn.events import Choice, Kind, TurnEvent
 from server.turn.state import Progress, Turn
 
-_MASKS = tuple(set(LABELS.values()))
+log = logging.getLogger(__name__)
+
+_MASKS = tuple(sorted(set(LABELS.values())))
 _KEPT = ("stop", "length")  # finish reasons of answers worth giving again
 
 
@@ -89,7 +92,12 @@ class CacheStage:
         control = turn.req.request.cache
         key = await self.key(turn)
         with tracing.span("cache lookup", enclave__cache__scope="user" if key.user else "tenant") as span:
-            hit = None if isinstance(control, CacheControl) and control.no_cache else await self.cache.lookup(key)
+            hit = None
+            if not (isinstance(control, CacheControl) and control.no_cache):
+                try:
+                    hit = await self.cache.lookup(key)
+                except Exception:  # the cache is an optimisation: its failure is a miss, never the turn's
+                    log.warning("response cache: lookup failed; answering afresh", exc_info=True)
             tracing.set_attributes(span, enclave__cache__result=f"hit_{hit.kind}" if hit else "miss", enclave__cache__entry=hit.entry_id if hit else None)
         if hit is not None:
             self._results[f"hit_{hit.kind}"].inc()
@@ -106,6 +114,10 @@ class CacheStage:
             yield ev
         keep = not (isinstance(control, CacheControl) and control.no_store)
         if keep and answer.finish_reason in _KEPT and not answer.calls and answer.text and turn.report.refusal is None:
-            entry = await self.cache.store(key, answer.text, answer.finish_reason)  # type: ignore[arg-type]
+            try:
+                entry = await self.cache.store(key, answer.text, answer.finish_reason)  # type: ignore[arg-type]
+            except Exception:  # the answer was sent; not keeping it loses nothing acknowledged
+                log.warning("response cache: storing an answer failed", exc_info=True)
+                return
             turn.report.cache = {"status": "miss", "stored": entry}
             self._results["stored"].inc()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from server.app import create_app
 from server.config import load_settings
@@ -80,3 +80,12 @@ def test_an_expired_entry_is_a_miss_and_is_deleted_when_the_next_is_kept(api, en
         assert conn.execute(select(response_cache.c.id)).scalars().all() == [again["cache"]["stored"]]
     vectors = api.app.state.runtime.memory.cache.vectors.existing("rc", "default")
     assert vectors is None or entry not in vectors.get(ids=[entry])["ids"]
+
+
+def test_a_failing_cache_is_a_miss_and_the_turn_is_answered(api, engine):
+    engine.queue("Still here.")
+    with api.app.state.runtime.db.begin() as conn:
+        conn.execute(text("DROP TABLE response_cache"))  # the cache's store fails for real
+    out = _ask(api, "Are you there?")
+    assert out["choices"][0]["message"]["content"] == "Still here."
+    assert out["cache"] == {"status": "miss"}
