@@ -264,7 +264,6 @@ response_cache = Table(
     Column("finish_reason", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False, index=True),
-    Column("hits", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_response_cache_exact", "tenant", "exact_key"),
     Index("ix_response_cache_owner", "tenant", "user"),
 )

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 
@@ -102,17 +102,14 @@ class ResponseCache:
 
     def _exact(self, key: CacheKey, now: float) -> CacheHit | None:
         c = response_cache.c
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(
                 select(c.id, c.answer, c.finish_reason, c.created_at)
                 .where(self._owned(key), c.exact_key == key.exact, c.expires_at > now)
                 .order_by(c.created_at.desc())
                 .limit(1)
             ).first()
-            if row is None:
-                return None
-            conn.execute(update(response_cache).where(c.id == row.id).values(hits=c.hits + 1))
-        return CacheHit(row.id, "exact", row.answer, row.finish_reason, row.created_at)
+        return CacheHit(row.id, "exact", row.answer, row.finish_reason, row.created_at) if row is not None else None
 
     def _nearest(self, key: CacheKey, vector: Any, now: float) -> CacheHit | None:
         collection = self.vectors.existing(KIND, key.tenant)
@@ -128,19 +125,19 @@ class ResponseCache:
         if not close:
             return None
         c = response_cache.c
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             rows = {
                 r.id: r
                 for r in conn.execute(
                     select(c.id, c.answer, c.finish_reason, c.created_at).where(self._owned(key), c.id.in_([i for i, _ in close]), c.expires_at > now)
                 )
             }
-            for entry_id, similarity in close:  # nearest first
-                row = rows.get(entry_id)
-                if row is not None:
-                    conn.execute(update(response_cache).where(c.id == entry_id).values(hits=c.hits + 1))
-                    return CacheHit(entry_id, "semantic", row.answer, row.finish_reason, row.created_at, similarity)
-        return None
+        # Nearest first; a vector whose row expired (or is not written yet) is no hit.
+        entry_id, similarity = next(((i, s) for i, s in close if i in rows), (None, 0.0))
+        if entry_id is None:
+            return None
+        row = rows[entry_id]
+        return CacheHit(entry_id, "semantic", row.answer, row.finish_reason, row.created_at, similarity)
 
     async def store(self, key: CacheKey, answer: str, finish_reason: str) -> str:
         vector = None
@@ -168,7 +165,6 @@ class ResponseCache:
                     finish_reason=finish_reason,
                     created_at=now,
                     expires_at=now + self.config.ttl_s,
-                    hits=0,
                 )
             )
         # Vectors after the row: a vector whose row is not there yet (or was expired) is

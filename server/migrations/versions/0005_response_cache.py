@@ -28,7 +28,6 @@ def upgrade() -> None:
         sa.Column("finish_reason", sa.String(length=32), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
-        sa.Column("hits", sa.Integer(), nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_response_cache_exact", "response_cache", ["tenant", "exact_key"], unique=False)
