@@ -104,6 +104,29 @@ def create_key(data_dir: Path, *extra: str) -> str:
     return json.loads(done.stdout)["key"]
 
 
+def engine_pids(server: LiveServer) -> list[int]:
+    """Every descendant of the server process: vLLM's engine core and its workers."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(children.get(server.process.pid, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return [p for p in found if _is_engine(p)]
+
+
+def _is_engine(pid: int) -> bool:
+    # Not multiprocessing's resource tracker, a helper that outlives any engine.
+    try:
+        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory) -> LiveServer:
     data_dir = tmp_path_factory.mktemp("data")

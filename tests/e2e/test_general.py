@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import LiveServer, free_port, start, stop
+from tests.e2e.conftest import LiveServer, engine_pids, free_port, start, stop
 from tests.e2e.redteam_slice import check, red_team
 
 pytestmark = pytest.mark.e2e
@@ -53,29 +52,6 @@ def general(tmp_path_factory):
 def readme_client(general) -> openai.OpenAI:
     # The README's client, word for word, but for the port.
     return openai.OpenAI(base_url=general.base_url, api_key="unused-without-keys", max_retries=0, timeout=120)
-
-
-def engine_pids(server: LiveServer) -> list[int]:
-    """Every descendant of the server process: vLLM's engine core and its workers."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        pid, ppid = map(int, line.split())
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], list(children.get(server.process.pid, []))
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return [p for p in found if _is_engine(p)]
-
-
-def _is_engine(pid: int) -> bool:
-    # Not multiprocessing's resource tracker, a helper that outlives any engine.
-    try:
-        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def test_the_readme_example_gets_a_real_answer(readme_client):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import create_key, enclave
+from tests.e2e.conftest import create_key, enclave, engine_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -137,8 +138,6 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
     unbilled0 = live_server.metric("enclave_engine_seconds_unbilled_total")
     cost0 = live_server.metric("enclave_cost_usd_total", tenant="costco")
 
-    # Long enough to overlap in the engine however slowly /metrics answers on a busy
-    # machine (with 8-36 tokens a CI run saw only two samples, before and after).
     lengths = [32 + 8 * i for i in range(8)]
 
     def ask(i: int):
@@ -149,22 +148,30 @@ def test_usage_and_cost_add_up_across_concurrent_requests(live_server):
             extra_body={"ignore_eos": True, **({"conversation": f"cost-{i}"} if i < 4 else {})},
         )
 
-    # The engine scheduler's gauges, sampled while the requests run.
+    # Concurrent in the engine by construction, not by luck: its processes are paused
+    # while the eight are sent and resumed once it holds them all (on a busy CI machine
+    # each request had finished before the next one reached the engine).
+    pool = ThreadPoolExecutor(8)
+    pids = engine_pids(live_server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while live_server.metric("enclave_engine_unfinished_requests") < 8:
+            assert time.monotonic() < deadline, "the eight requests never all reached the engine"
+            time.sleep(0.1)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # The engine scheduler's gauge, sampled while they run.
     running: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            running.append(live_server.metric("enclave_engine_requests_running"))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    with ThreadPoolExecutor(8) as pool:
-        outs = list(pool.map(ask, range(8)))
-    stop.set()
-    sampler.join()
-    assert max(running) >= 2
+    while not all(f.done() for f in futures):
+        running.append(live_server.metric("enclave_engine_requests_running"))
+        time.sleep(0.05)
+    outs = [f.result() for f in futures]
+    pool.shutdown()
+    assert max(running) >= 2, running
     assert live_server.metric("enclave_engine_requests_running") == live_server.metric("enclave_engine_requests_waiting") == 0
     costs = {o.id: o.model_extra["cost"] for o in outs}
     assert all(v["usd"] > 0 and v["engine_seconds"] > 0 for v in costs.values())
