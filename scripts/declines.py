@@ -11,7 +11,7 @@ which nothing was tuned on), streamed, at temperature 0 and 64 tokens. An answer
 by the eval's definition (evals/scorers.py, which the server does not use) and by the
 server's own (the stage's policy); it prints both, the share retried, the false refusals
 of the rails, and time to first token and to the last token (p50, p95) with the ratio
-on/off: the stage holds an opening that may decline, and a retried answer is generated twice.
+on/off: the stage holds text where a decline may be starting, and a retried answer is generated twice.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _summary(rows: list[dict]) -> dict:
         "requests": len(rows),
         "refused_by_rails": len(rows) - len(answered),
         "declined_eval": sum(refused(None, r["answer"]) == "model" for r in answered),
-        "declined_server": sum(policy.judge(r["answer"], final=True) is Judgement.DECLINE for r in answered),
+        "declined_server": sum(policy.scan(r["answer"], final=True).judgement is Judgement.DECLINE for r in answered),
         "retried": sum(any(e.get("rail") == "model declines" for e in r["guardrails"]) for r in rows),
         "ttft_p50": q([r["ttft"] for r in answered], 50),
         "ttft_p95": q([r["ttft"] for r in answered], 95),

@@ -1,15 +1,16 @@
-"""The decline stage: an answer that opens by declining a request the rails judged
-clearly benign is generated once more, with the phrases of declining ruled out.
+"""The decline stage: an answer that declines, in its opening, a request the rails judged
+clearly benign is continued with the phrases of declining ruled out.
 
 Policy and judgement are `server/declines.py` (configured in `rails/config.yml`). Only a
 plain text answer of one choice is judged: a constrained answer (tool calls, JSON) cannot
-decline in words, and n > 1 asks for samples as they come. While the opening may still
-turn into a decline its text is held (nothing else is: an opening that cannot decline
-streams at once). The retry is the turn's own generation under a new engine request id;
-both generations' tokens count in its usage and cost, since both ran. The retry is
-reported as a guardrail event ("model declines", "retried") and counted in
-`enclave_rail_verdicts`; a decline that stands (the request was in the rails' uncertain
-band) is counted as "kept".
+decline in words, and n > 1 asks for samples as they come. Only text where a decline may
+still be starting is held; everything before it streams as it comes, and nothing shown is
+taken back: the retry is the turn's own generation, under a new engine request id, going
+on from the shown text (the engine's own tokens of it, so its prefix cache serves them)
+within the tokens the answer has left. Both generations' tokens count in its usage and
+cost, since both ran. The retry is reported as a guardrail event ("model declines",
+"retried") and counted in `enclave_rail_verdicts`; a decline that stands (the request was
+in the rails' uncertain band) is counted as "kept".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
-from server.declines import DeclinePolicy, Judgement
+from server.declines import DeclinePolicy, Judgement, Scan
 from server.guard import Guard, GuardEvent, Stage
 from server.telemetry.metrics import Metrics
 from server.turn.events import Kind, TurnEvent
@@ -40,26 +41,34 @@ class DeclineRetry:
         return params.n == 1 and params.regex is None and params.json_schema is None and not params.bad_words
 
     async def events(self, turn: Turn, progress: Progress, first: AsyncIterator[TurnEvent]) -> AsyncIterator[TurnEvent]:
-        held: list[TurnEvent] = []
-        text = ""
-        judgement = Judgement.UNDECIDED
+        held: list[TurnEvent] = []  # not yet shown: a decline may be starting in them
+        shown = ""  # text of the events shown
+        shown_ids: list[int] = []  # their tokens, as the engine generated them
+        judging = True
         try:
             async for ev in first:
-                if judgement is not Judgement.UNDECIDED:
+                if not judging:
                     yield ev
                     continue
                 held.append(ev)
+                text = shown + "".join(h.text for h in held if h.kind is Kind.TEXT)
                 if ev.kind is Kind.TEXT:
-                    text += ev.text
-                    judgement = self.policy.judge(text, final=False)
+                    scan = self.policy.scan(text, final=False)
                 elif ev.kind is Kind.FINISH:
-                    judgement = self.policy.judge(text, final=True)
+                    scan = self.policy.scan(text, final=True)
                 else:
-                    judgement = Judgement.ANSWER  # a call: not an answer in words
-                if judgement is Judgement.DECLINE and await self._retry(turn, text):
+                    scan = Scan(Judgement.ANSWER, len(text))  # a call: not an answer in words
+                # What cannot be part of a decline goes out now, in order.
+                while held and (held[0].kind is not Kind.TEXT or len(shown) + len(held[0].text) <= scan.releasable):
+                    h = held.pop(0)
+                    if h.kind is Kind.TEXT:
+                        shown += h.text
+                        shown_ids += h.token_ids
+                    yield h
+                if scan.judgement is Judgement.DECLINE and await self._retry(turn, text):
                     break
-                if judgement is not Judgement.UNDECIDED:
-                    judgement = Judgement.ANSWER  # released from here on, as it comes
+                if scan.judgement is not Judgement.UNDECIDED:
+                    judging = False  # the opening is judged: the rest streams as it comes
                     for h in held:
                         yield h
                     held = []
@@ -69,7 +78,11 @@ class DeclineRetry:
                 return
         finally:
             await first.aclose()  # type: ignore[attr-defined]  # frees the engine's slot now
-        turn.step.params = dataclasses.replace(turn.step.params, bad_words=self.policy.avoid)
+        # The retry goes on from what the client has seen (nothing shown is taken back),
+        # within what is left of the answer's token budget.
+        step = turn.step
+        step.prompt_token_ids = [*step.prompt_token_ids, *shown_ids]
+        step.params = dataclasses.replace(step.params, bad_words=self.policy.avoid, max_tokens=max(1, step.params.max_tokens - len(shown_ids)))
         async for ev in self.generation.step_events(turn, progress, f"{turn.engine_request_id}-d", server=set()):
             yield ev
 

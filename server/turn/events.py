@@ -32,6 +32,9 @@ class TurnEvent:
     call: int = 0  # tool call index within the message
     call_id: str = ""
     name: str = ""
+    # The engine's tokens of `text` where a stage needs them (the decline stage goes on
+    # from text already shown); empty where text is not the engine's own.
+    token_ids: tuple[int, ...] = ()
 
     @classmethod
     def finish(cls, index: int, reason: str) -> TurnEvent:

@@ -128,7 +128,7 @@ class _StepParsers:
         parser = self.parsers[i]
         if not self.constrained:
             if chunk.text or chunk.logprobs:
-                out.append(TurnEvent(Kind.TEXT, i, chunk.text, chunk.logprobs))
+                out.append(TurnEvent(Kind.TEXT, i, chunk.text, chunk.logprobs, token_ids=tuple(chunk.token_ids)))
         else:
             delta = parser.feed(chunk.text)
             if delta.text or (chunk.logprobs and not parser.is_calls):

@@ -4,18 +4,28 @@ ScriptedEngine. The real model's declines are retried end to end in tests/e2e.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.auth import ANONYMOUS
 from server.config import load_settings
-from server.declines import DeclinePolicy, Judgement
+from server.declines import DeclinePolicy, Judgement, Scan
 from server.embedder import Embedder, packaged_model_dir
+from server.engine.base import GenerationParams
 from server.engine.scripted import ScriptedEngine
+from server.protocol import ChatCompletionRequest
+from server.telemetry.metrics import Metrics
+from server.turn.decline_retry import DeclineRetry
+from server.turn.events import Kind, TurnEvent
+from server.turn.guard_ledger import GuardLedger
+from server.turn.state import Progress, Turn, TurnRequest
 from tests.server.rails_dirs import RAILS
 
 POLICY = DeclinePolicy.from_config(yaml.safe_load((RAILS / "config.yml").read_text())["custom_data"]["enclave"]["model_declines"])
@@ -26,17 +36,19 @@ ASK = [{"role": "user", "content": "Can you help me change my invoice address?"}
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "kept"),
     [
-        DECLINE,
-        "I'm sorry for your loss, but as a chatbot designed to assist with digital services, I'm unable to",
-        "I\u2019m sorry, but I can\u2019t access your account.",  # typographic apostrophes
-        "Unfortunately, I do not have access to order data.",
-        "I'm sorry for any confusion. Unfortunately I'm not able to update your profile.",
+        (DECLINE, ""),  # the apology opening its sentence is part of the decline
+        ("I'm sorry for your loss, but as a chatbot designed to assist with digital services, I'm unable to", ""),
+        ("I\u2019m sorry, but I can\u2019t access your account.", ""),  # typographic apostrophes
+        ("Unfortunately, I do not have access to order data.", ""),
+        ("I'm sorry for any confusion. Unfortunately I'm not able to update your profile.", "I'm sorry for any confusion. "),
+        ("Thanks for asking! However, as a chatbot, I cannot change it.", "Thanks for asking! "),
     ],
 )
-def test_declines_in_the_models_own_words_are_recognised_in_the_opening(text):
-    assert POLICY.judge(text, final=False) is Judgement.DECLINE
+def test_declines_in_the_models_own_words_are_recognised_in_the_opening(text, kept):
+    scan = POLICY.scan(text, final=False)
+    assert scan.judgement is Judgement.DECLINE and text[: scan.releasable] == kept
 
 
 @pytest.mark.parametrize(
@@ -46,19 +58,23 @@ def test_declines_in_the_models_own_words_are_recognised_in_the_opening(text):
         "To return an item, open the order and choose Return.",
         "Sure, here are the steps.",
         "I'm sorry for the delay. Your parcel left the warehouse today. It arrives Friday.",
+        "Thank you for reaching out! I can help with that.",
     ],
 )
-def test_answers_are_released_without_waiting_for_the_whole_opening(text):
-    assert POLICY.judge(text, final=False) is Judgement.ANSWER
+def test_answers_are_released_as_they_come(text):
+    assert POLICY.scan(text, final=False) == Scan(Judgement.UNDECIDED, len(text))
+    assert POLICY.scan(text, final=True) == Scan(Judgement.ANSWER, len(text))
 
 
-def test_an_opening_that_may_still_become_a_decline_is_held_and_a_decline_later_on_is_not_judged():
-    assert POLICY.judge("I'm s", final=False) is Judgement.UNDECIDED  # "I'm sorry" or "I'm sure"?
-    assert POLICY.judge("I'm su", final=False) is Judgement.ANSWER
-    assert POLICY.judge("I'm sorry for any confusion.", final=False) is Judgement.UNDECIDED  # a hedging first sentence
-    assert POLICY.judge("I'm sorry for any confusion.", final=True) is Judgement.ANSWER
+def test_only_text_where_a_decline_may_be_starting_is_held_and_a_decline_later_on_is_not_judged():
+    assert POLICY.scan("I'm s", final=False).releasable == 0  # "I'm sorry" or "I'm sure"?
+    assert POLICY.scan("I'm su", final=False).releasable == 6
+    assert POLICY.scan("I'm sorry for any confusion", final=False).releasable == 0  # its sentence may yet decline
+    assert POLICY.scan("I'm sorry for any confusion.", final=False).releasable == 28  # it did not
+    assert POLICY.scan("Thank you for reaching out! I", final=False).releasable == 28  # "I can't…"?
+    assert POLICY.scan("Sure. But as a", final=False).releasable == 6
     later = "Here is how returns work. " * 12 + "I cannot help with exchanges."
-    assert POLICY.judge(later, final=True) is Judgement.ANSWER  # past the opening
+    assert POLICY.scan(later, final=False).judgement is Judgement.ANSWER  # past the opening
 
 
 def test_a_policy_that_is_off_or_absent_is_none():
@@ -129,3 +145,46 @@ def test_a_decline_of_a_request_in_the_rails_uncertain_band_stands(tmp_path):
         metrics = api.get("/metrics").text
     assert body["choices"][0]["message"]["content"] == DECLINE and len(_answers(engine)) == 1
     assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in metrics
+
+
+def test_a_decline_after_text_already_shown_is_continued_from_there(api, engine):
+    shown = "Thanks for asking!"
+    engine.queue(shown + " However, as a chatbot, I cannot change it.", " You can change it under Billing.")
+    with api.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True, "max_tokens": 20}) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == shown + " You can change it under Billing." and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    first, second = _answers(engine)
+    # The continuation is generated after the shown text, as the engine produced it,
+    # within what is left of the answer's tokens.
+    assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
+    assert len(second.prompt_token_ids) - len(first.prompt_token_ids) == engine.count_tokens(shown) == 3
+    assert second.params.max_tokens == 17 and second.params.bad_words == POLICY.avoid
+
+
+def test_text_is_released_as_soon_as_no_decline_can_start_in_it():
+    log: list[str] = []
+
+    async def first():
+        for word in ["Thank", " you!", " I", " can", " help.", " Sorry", " for", " the", " wait."]:
+            log.append(f"in {word}")
+            yield TurnEvent(Kind.TEXT, 0, word)
+        log.append("in finish")
+        yield TurnEvent.finish(0, "stop")
+
+    async def run():
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": ASK})
+        turn = Turn(TurnRequest("chatcmpl-1", body, ANONYMOUS, None, time.perf_counter()), GuardLedger())
+        turn.step.params = GenerationParams(max_tokens=16)
+        # Neither the guard nor a second generation is needed when nothing declines.
+        stage = DeclineRetry(None, POLICY, None, Metrics())  # type: ignore[arg-type]
+        async for ev in stage.events(turn, Progress(), first()):
+            log.append(f"out {ev.text}")
+
+    asyncio.run(run())
+    assert log == [
+        "in Thank", "out Thank", "in  you!", "out  you!",
+        "in  I", "in  can", "in  help.", "out  I", "out  can", "out  help.",  # "I can…" may be "I cannot help"
+        "in  Sorry", "in  for", "in  the", "in  wait.", "out  Sorry", "out  for", "out  the", "out  wait.",  # an apology, to its sentence's end
+        "in finish", "out stop",
+    ]  # fmt: skip
