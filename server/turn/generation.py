@@ -107,6 +107,9 @@ class _StepParsers:
         self.parsers = [CallParser() for _ in range(n)]
         self.shown: list[dict[int, int]] = [{} for _ in range(n)]  # parser call index → message index
         self.done = [False] * n
+        # Tokens of a chunk with no text yet (a character still incomplete), carried to
+        # the next text event so that its tokens are the text's.
+        self.unshown: list[tuple[int, ...]] = [() for _ in range(n)]
 
     def all_done(self) -> bool:
         return all(self.done)
@@ -127,8 +130,11 @@ class _StepParsers:
         out: list[TurnEvent] = []
         parser = self.parsers[i]
         if not self.constrained:
+            ids = self.unshown[i] + tuple(chunk.token_ids)
             if chunk.text or chunk.logprobs:
-                out.append(TurnEvent(Kind.TEXT, i, chunk.text, chunk.logprobs, token_ids=tuple(chunk.token_ids)))
+                out.append(TurnEvent(Kind.TEXT, i, chunk.text, chunk.logprobs, token_ids=ids))
+                ids = ()
+            self.unshown[i] = ids
         else:
             delta = parser.feed(chunk.text)
             if delta.text or (chunk.logprobs and not parser.is_calls):

@@ -89,6 +89,12 @@ def test_a_client_call_streams_as_it_is_generated_and_ends_in_tool_calls():
     assert events[-1].kind is Kind.FINISH and events[-1].text == "tool_calls"
 
 
+def test_text_events_carry_the_engines_tokens_of_their_text():
+    # A character split across tokens comes as a chunk with tokens and no text yet.
+    events = _chunks(_StepParsers(1, constrained=False, server=set()), ["Hi", "", " \U0001f44b", "."])
+    assert [(e.text, e.token_ids) for e in events if e.kind is Kind.TEXT] == [("Hi", (0,)), (" \U0001f44b", (1, 2)), (".", (3,))]
+
+
 def test_an_exact_repeat_of_a_call_stops_the_choice():
     call = '{"name": "f", "arguments": {"x": 1}}'
     parsers = _StepParsers(1, constrained=True, server=set())
