@@ -1,7 +1,7 @@
 """What the guardrails cost: TTFT and throughput with all default rails on vs off, and
 each rail's latency (p50/p95) as the server reports it in /metrics.
 
-    python scripts/bench_guard.py [--rounds 3] [--concurrency 8] [--nemo]
+    python scripts/bench_guard.py [--rounds 3] [--concurrency 8] [--nemo] [--remote]
 
 Two servers run side by side on the same model: one with rails/ (the default), one
 with ENCLAVE_RAILS=false (and with --nemo a third, whose rails all run through NeMo's
@@ -10,6 +10,12 @@ swapped every round, after the other engine has settled: vLLM's CPU engine keeps
 cores busy for a moment after work), so machine noise falls on both alike. The requests are the benign
 support set of the red-team tests (tests/redteam/benign.jsonl) with a support system
 prompt: the traffic the rails are meant to pass, where their cost is pure overhead.
+
+With --remote the servers generate on one vLLM OpenAI server (the remote engine, as
+scripts/bench.py --remote starts it) instead of in-process, and the CPU time each server
+process spends per request is printed too: what the rails cost a gateway whose model
+runs elsewhere (the servers then share one engine and its prefix cache: the CPU figure is
+the point there, not TTFT).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import free_port, start, stop, wait_ready
+from bench import cpu_seconds, free_port, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are the customer support assistant of Acme. Answer briefly and politely."
@@ -78,11 +84,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds between blocks")
     parser.add_argument("--nemo", action="store_true", help="a third server: rails on, every check through NeMo's runtime")
+    parser.add_argument("--remote", action="store_true", help="the servers generate on one vLLM server; prints their CPU per request")
     args = parser.parse_args()
     texts = [json.loads(x)["text"] for x in (ROOT / "tests/redteam/benign.jsonl").read_text().splitlines() if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-guard-"))
     procs, clients = {}, {}
+    upstream: dict[str, str] = {}
     try:
+        if args.remote:
+            upstream["ENCLAVE_UPSTREAMS"] = json.dumps([start_upstream(work, procs)])
         servers = [("on", "true", "true"), ("off", "false", "true")] + ([("nemo", "true", "false")] if args.nemo else [])
         for name, rails, compiled in servers:
             port = free_port()
@@ -93,6 +103,7 @@ def main() -> None:
                 "ENCLAVE_RAILS": rails,
                 "ENCLAVE_RAILS_COMPILED": compiled,
                 "ENCLAVE_DEPLOYMENT": "support",
+                **upstream,
             }
             procs[name] = start([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, work / f"{name}.log")
             wait_ready(f"http://127.0.0.1:{port}/ready", procs[name], work / f"{name}.log")
@@ -103,6 +114,7 @@ def main() -> None:
         names = [n for n, _, _ in servers]
         ttft: dict[str, list[float]] = {n: [] for n in names}
         tput: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}  # seconds per request, per block
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 # vLLM's CPU engine keeps its cores busy for a while after a burst: let the
@@ -110,6 +122,7 @@ def main() -> None:
                 time.sleep(args.settle)
                 for t in texts[:2]:
                     stream(clients[name], t, 4)
+                cpu0 = cpu_seconds(procs[name].pid)
                 for i in range(args.requests):
                     ttft[name].append(stream(clients[name], texts[(r * args.requests + i) % len(texts)], 8)[0])
                 batch = [texts[(r * 7 + k) % len(texts)] for k in range(args.concurrency * 2)]
@@ -117,6 +130,7 @@ def main() -> None:
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     done = list(pool.map(lambda t, c=clients[name]: stream(c, t, args.max_tokens), batch))
                 tput[name].append(sum(d[1] for d in done) / (time.perf_counter() - t0))
+                cpu[name].append((cpu_seconds(procs[name].pid) - cpu0) / (args.requests + len(batch)))
         on, off = statistics.median(ttft["on"]), statistics.median(ttft["off"])
         p95 = lambda v: sorted(v)[int(0.95 * len(v))]
         print(f"TTFT p50: rails on {on:.1f} ms, off {off:.1f} ms, ratio {on / off:.3f}   "
@@ -128,6 +142,10 @@ def main() -> None:
             nemo, t_nemo = statistics.median(ttft["nemo"]), statistics.median(tput["nemo"])
             print(f"rails through NeMo's runtime (ENCLAVE_RAILS_COMPILED=false): TTFT p50 {nemo:.1f} ms (ratio to off {nemo / off:.3f}, "
                   f"p95 {p95(ttft['nemo']):.1f} ms), throughput {t_nemo:.1f} tok/s (ratio {t_nemo / t_off:.3f})")
+        if args.remote:
+            c_on, c_off = statistics.median(cpu["on"]) * 1000, statistics.median(cpu["off"]) * 1000
+            extra = f", through NeMo {statistics.median(cpu['nemo']) * 1000:.1f} ms" if args.nemo else ""
+            print(f"server process CPU per request (remote engine): rails on {c_on:.1f} ms, off {c_off:.1f} ms, ratio {c_on / c_off:.3f}{extra}")
         metrics = clients["on"].get(str(clients["on"].base_url).rstrip("/").removesuffix("/v1") + "/metrics").text
         print("per-rail latency from /metrics (enclave_rail_latency_recent_seconds):")
         for (stage, rail), q in sorted(rail_quantiles(metrics).items()):
@@ -135,6 +153,24 @@ def main() -> None:
     finally:
         for proc in procs.values():
             stop(proc)
+
+
+def start_upstream(work: Path, procs: dict) -> str:
+    """vLLM's own OpenAI server on the default profile, as scripts/bench.py --remote runs it."""
+    from server.checkpoints import verify
+    from server.config import load_settings
+    from server.engine.vllm import api_server_flags, engine_arguments
+    from server.profiles import find_profile
+
+    settings = load_settings()
+    profile = find_profile(settings.profiles_dir, settings.model)
+    checkpoint = verify(profile, settings.models_dir)
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           *api_server_flags(engine_arguments(profile, checkpoint))]
+    procs["vllm"] = start(cmd, {**os.environ, "HF_HUB_OFFLINE": "1", **profile.env}, work / "vllm.log")
+    wait_ready(f"http://127.0.0.1:{port}/health", procs["vllm"], work / "vllm.log")
+    return f"http://127.0.0.1:{port}/v1"
 
 
 if __name__ == "__main__":
