@@ -90,10 +90,17 @@ class ResponseCache:
 
     async def lookup(self, key: CacheKey) -> CacheHit | None:
         now = time.time()
-        hit = await asyncio.to_thread(self._exact, key, now)
-        if hit is None and self.semantic and key.question.strip() and self._embedder.value is not None:
-            vector = await self._embedder.value.embed_one(key.question)
-            hit = await asyncio.to_thread(self._nearest, key, vector, now)
+        embedder = self._embedder.value
+        # The question's vector is started alongside the exact lookup, not after it: a
+        # miss there needs it at once (and the input rails embed the same text meanwhile).
+        vector = asyncio.ensure_future(embedder.embed_one(key.question)) if self.semantic and key.question.strip() and embedder is not None else None
+        try:
+            hit = await asyncio.to_thread(self._exact, key, now)
+            if hit is None and vector is not None:
+                hit = await asyncio.to_thread(self._nearest, key, await vector, now)
+        finally:
+            if vector is not None and not vector.done():
+                vector.add_done_callback(_unread)  # an exact hit (or a failure) leaves it unread
         return hit
 
     def _owned(self, key: CacheKey) -> Any:
@@ -115,6 +122,8 @@ class ResponseCache:
         collection = self.vectors.existing(KIND, key.tenant)
         if collection is None:
             return None
+        # Filtered in Chroma, not after: the same question asked in many contexts (each
+        # user's own, each system prompt) would crowd a plain nearest query.
         found = collection.query(
             query_embeddings=[vector],
             n_results=4,
@@ -192,3 +201,8 @@ class ResponseCache:
 
 def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _unread(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a failed encode nobody awaited is not logged as lost

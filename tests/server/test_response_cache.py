@@ -4,6 +4,7 @@ Chroma on disk: which turns are kept, for whom, and when an entry stops being gi
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -11,10 +12,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
 from server.app import create_app
-from server.config import load_settings
-from server.db import response_cache
+from server.config import ResponseCacheConfig, load_settings
+from server.db import connect, response_cache, sqlite_url
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.scripted import ScriptedEngine
+from server.memory.response_cache import CacheKey, ResponseCache
+from server.memory.vectors import ChromaCollections
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,23 @@ def test_a_failing_cache_is_a_miss_and_the_turn_is_answered(api, engine):
     out = _ask(api, "Are you there?")
     assert out["choices"][0]["message"]["content"] == "Still here."
     assert out["cache"] == {"status": "miss"}
+
+
+def test_a_semantic_lookup_finds_its_own_context_among_many_alike(tmp_path, embedder):
+    # Twenty users asked the same question in their own contexts: every one of their
+    # vectors is as close as the asker's own, more than a plain nearest query reads.
+    cache = ResponseCache(connect(sqlite_url(tmp_path / "c.db")), ChromaCollections.open(tmp_path), embedder, ResponseCacheConfig(mode="on", similarity=0.9))
+
+    def key(user: str, question: str) -> CacheKey:
+        return CacheKey.of("acme", user, "scripted", {"max_tokens": 16}, {"history": [f"{user} said hello"]}, question)
+
+    async def run():
+        for i in range(20):
+            await cache.store(key(f"u{i}", "Where is my parcel?"), f"Your parcel, u{i}.", "stop")
+        own = await cache.lookup(key("u7", "Where's my parcel?"))
+        stranger = await cache.lookup(key("u99", "Where's my parcel?"))
+        return own, stranger
+
+    own, stranger = asyncio.run(run())
+    assert own is not None and own.kind == "semantic" and own.answer == "Your parcel, u7."
+    assert stranger is None
