@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
 
 POSTGRES_ADMIN_URL = os.environ.get("ENCLAVE_TEST_POSTGRES_URL", "postgresql+psycopg://enclave:enclave@127.0.0.1:5432/postgres")
 
@@ -41,5 +43,14 @@ def db_url(request, tmp_path):
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    for attempt in range(5):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError:
+            # An autovacuum worker in it, which a role without pg_signal_backend cannot
+            # end (scripts/start_postgres.sh grants it): it finishes soon.
+            if attempt == 4:
+                raise
+            time.sleep(1)
