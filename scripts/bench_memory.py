@@ -8,7 +8,9 @@ Ingest and search run in this process on the real embedding model and Chroma on 
 For the large sizes, the index is filled with noisy copies of real chunk vectors (real
 embedding of 100k chunks takes a long time on 2 cores and tells nothing more about the
 index); queries are real questions, embedded per query. The TTFT part starts one server
-and alternates stateless and stateful turns in the same rounds.
+and alternates stateless and stateful turns in the same rounds, with a third kind between
+them: a stateless prompt as long as the stateful one, which splits the stateful turn's
+extra TTFT into its longer prefill and the assembly of its context.
 """
 
 from __future__ import annotations
@@ -146,6 +148,19 @@ def ttft(client: httpx.Client, path: str, body: dict) -> float:
     raise RuntimeError("no text in the stream")
 
 
+def padded_messages(client: httpx.Client, question: str, tokens: int) -> list[dict[str, str]]:
+    """The question after a system message of filler, the whole about `tokens` long."""
+    filler = "Orders ship from the central warehouse and usually arrive within five working days. "
+    repeats = max(1, tokens // 15)
+    for _ in range(5):
+        messages = [{"role": "system", "content": filler * repeats}, {"role": "user", "content": question}]
+        got = client.post("/chat/completions", json={"model": "smollm2", "messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        if abs(got - tokens) <= 16:
+            break
+        repeats = max(1, round(repeats * tokens / got))
+    return messages
+
+
 def turn_ttft(args: argparse.Namespace, work: Path) -> None:
     docs = write_handbook(work / "handbook")
     data = work / "server"
@@ -164,16 +179,25 @@ def turn_ttft(args: argparse.Namespace, work: Path) -> None:
         prev = None
         for i in range(6):  # a conversation with some history
             prev = client.post("/responses", json={"model": "smollm2", "input": f"Question {i} about my order.", "max_output_tokens": 16, "previous_response_id": prev}).json()["id"]
-        plain, stateful = [], []
+        turn = {"model": "smollm2", "previous_response_id": prev, "store": False, "temperature": 0, "tools": [{"type": "file_search", "vector_store_ids": [store], "max_num_results": 3}]}
+        # Per question, a stateless prompt as long as its stateful one: what the longer
+        # prefill alone costs, so that the rest is what assembling the context costs.
+        padded = {q: padded_messages(client, q, client.post("/responses", json={**turn, "input": q, "max_output_tokens": 1}).json()["usage"]["input_tokens"]) for q, _, _ in QUESTIONS}
+        plain, long, stateful = [], [], []
         for r in range(args.rounds):
             for q, _, _ in QUESTIONS:
-                a = lambda: plain.append(ttft(client, "/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": q}], "max_tokens": 4, "temperature": 0}))  # noqa: E731
-                b = lambda: stateful.append(ttft(client, "/responses", {"model": "smollm2", "input": q, "previous_response_id": prev, "store": False, "max_output_tokens": 4, "temperature": 0, "tools": [{"type": "file_search", "vector_store_ids": [store], "max_num_results": 3}]}))  # noqa: E731
-                for step in ((a, b) if r % 2 == 0 else (b, a)):
-                    step()
-        p, s = statistics.median(plain), statistics.median(stateful)
+                kinds = [
+                    (plain, "/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": q}], "max_tokens": 4, "temperature": 0}),
+                    (stateful, "/responses", {**turn, "input": q, "max_output_tokens": 4}),
+                    (long, "/chat/completions", {"model": "smollm2", "messages": padded[q], "max_tokens": 4, "temperature": 0}),
+                ]
+                for k in ((0, 1, 2), (2, 1, 0), (1, 0, 2))[r % 3]:
+                    times, path, body = kinds[k]
+                    times.append(ttft(client, path, body))
+        p, s, n = statistics.median(plain), statistics.median(stateful), statistics.median(long)
         print(f"TTFT p50: stateless {p:.0f} ms, with history + memory recall + retrieval (3 sources) {s:.0f} ms: "
-              f"+{s - p:.0f} ms, ratio {s / p:.2f} ({len(plain)} turns each, alternating)")
+              f"+{s - p:.0f} ms, ratio {s / p:.2f} ({len(plain)} turns each, alternating); a stateless prompt as long "
+              f"as the stateful one {n:.0f} ms: the longer prefill +{n - p:.0f} ms, assembling the context +{s - n:.0f} ms")
     finally:
         stop(proc)
 
@@ -185,9 +209,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--skip-search", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-memory-"))
-    asyncio.run(ingest_and_search(args, work))
+    if not args.skip_search:
+        asyncio.run(ingest_and_search(args, work))
     if not args.skip_ttft:
         turn_ttft(args, work)
 
