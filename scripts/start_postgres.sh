@@ -24,5 +24,5 @@ role=$(su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'encl
 [ "$role" = 1 ] || su postgres -c "psql -qc \"CREATE ROLE enclave LOGIN CREATEDB PASSWORD 'enclave'\""
 # The tests drop their databases WITH (FORCE): an autovacuum worker busy in one (after a
 # test deleted many rows) may only be terminated by a member of pg_signal_backend.
-su postgres -c "psql -qc \"GRANT pg_signal_backend TO enclave\"" 2>/dev/null
+su postgres -c "psql -qc \"GRANT pg_signal_backend TO enclave\"" 2>/dev/null || echo "warning: pg_signal_backend not granted to enclave" >&2
 echo "PostgreSQL $version is up on 127.0.0.1:5432 (role enclave)"
