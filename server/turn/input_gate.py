@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from server.engine.base import Engine
 from server.guard import Guard, Stage, Status, Verdict
 from server.telemetry.redaction import mask_pii
+from server.turn.ahead import Ahead
 from server.turn.events import TurnEvent
 from server.turn.state import Progress, Turn
 
@@ -105,37 +106,29 @@ class InputGate:
         again from the rails' text and `events()` runs anew."""
         gate = turn.gate
         assert gate is not None
-        stream = events()
-        first = asyncio.ensure_future(anext(stream, None))
+        ahead = Ahead(events())
         # Let the request reach the engine before the rails take the event loop (their
         # checks are CPU-bound Python and would otherwise run first, in series).
         before = self.engine.num_unfinished_requests()
         for _ in range(50):
             await asyncio.sleep(0)
-            if first.done() or self.engine.num_unfinished_requests() > before:
+            if ahead.first.done() or self.engine.num_unfinished_requests() > before:
                 break
         try:
             verdicts = await self.run(gate.checks)
         except BaseException:
-            await _drop(first, stream)
+            await ahead.aclose()
             raise
         turn.gate = None
         if all(v.status == Status.PASSED for v in verdicts.values()):
             turn.guards.add([e for v in verdicts.values() for e in v.events])
-            ev = await first
-            while ev is not None:
+            async for ev in ahead:
                 yield ev
-                ev = await anext(stream, None)
             return
-        await _drop(first, stream)
+        await ahead.aclose()
         progress.reset()
         turn.attempt += 1
         await restart(self.apply(turn, gate.messages, verdicts))
         async for ev in events():
             yield ev
 
-
-async def _drop(first: asyncio.Future, stream: AsyncIterator[TurnEvent]) -> None:
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    await stream.aclose()  # type: ignore[attr-defined]
