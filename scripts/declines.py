@@ -5,13 +5,14 @@ off and on, side by side (server/declines.py, rails/config.yml `model_declines`)
     python scripts/declines.py --deployments support --split dev
 
 Per deployment it starts a local server with the stage off (a copy of rails/ with
-`model_declines.enabled: false`), then one with it on, and sends each the benign set's
+`model_declines.enabled: false`), one with the retry alone (`prevent: false`), then one
+with the stage as shipped (declines prevented, and retried), and sends each the benign set's
 requests of that deployment (evals/redteam/benign.jsonl; the held-out part by default,
 which nothing was tuned on), streamed, at temperature 0 and 64 tokens. An answer declines
 by the eval's definition (evals/scorers.py, which the server does not use) and by the
 server's own (the stage's policy); it prints both, the share retried, the false refusals
 of the rails, and time to first token and to the last token (p50, p95) with the ratio
-on/off: the stage holds text where a decline may be starting, and a retried answer is generated twice.
+to off: the stage holds text where a decline may be starting, and a retried answer is generated twice.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The stage off; on with the retry alone (`prevent: false`); on as shipped (prevention,
+# and the retry for declines in other words).
+MODES = ("off", "retry", "on")
 
 
 def _requests(deployment: str, split: str | None) -> list[str]:
@@ -38,14 +42,16 @@ def _requests(deployment: str, split: str | None) -> list[str]:
     return [r["text"] for r in rows if (deployment == "general" or r["deployment"] == "both") and (split is None or split_of("benign", r["text"]) == split)]
 
 
-def _rails_without_the_stage(into: Path) -> Path:
-    rails = into / "rails"
+def _rails_with(into: Path, name: str, switch: str, value: str) -> Path:
+    """A copy of rails/ with one switch of the `model_declines` block set."""
+    rails = into / name
     shutil.copytree(ROOT / "rails", rails, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = rails / "config.yml"
     # Edited as text, so the copy keeps everything else as it is; only this block's switch.
     head, block = cfg.read_text().split("    model_declines:\n", 1)
-    assert "      enabled: true\n" in block, "rails/config.yml: model_declines.enabled not found"
-    cfg.write_text(head + "    model_declines:\n" + block.replace("      enabled: true\n", "      enabled: false\n", 1))
+    line = f"      {switch}: true\n"
+    assert line in block, f"rails/config.yml: model_declines.{switch} not found"
+    cfg.write_text(head + "    model_declines:\n" + block.replace(line, f"      {switch}: {value}\n", 1))
     return rails
 
 
@@ -122,15 +128,12 @@ def main() -> int:
     report: dict = {"split": args.split, "deployments": {}}
     scratch = Path(tempfile.mkdtemp(prefix="enclave-declines-"))
     try:
-        off_rails = _rails_without_the_stage(scratch)
+        rails = {"off": _rails_with(scratch, "off", "enabled", "false"), "retry": _rails_with(scratch, "retry", "prevent", "false"), "on": ROOT / "rails"}
         for deployment in args.deployments.split(","):
             texts = _requests(deployment, split)
             runs = {}
-            for mode in ("off", "on"):
-                if mode == "off":
-                    os.environ["ENCLAVE_RAILS_DIR"] = str(off_rails)
-                else:
-                    os.environ.pop("ENCLAVE_RAILS_DIR", None)
+            for mode in MODES:
+                os.environ["ENCLAVE_RAILS_DIR"] = str(rails[mode])
                 print(f"{deployment}, stage {mode}: starting a local server…", file=sys.stderr)
                 proc, base_url, key, data = start_local_server(deployment)
                 try:
@@ -140,15 +143,15 @@ def main() -> int:
                     shutil.rmtree(data, ignore_errors=True)
                 runs[mode] = {"summary": _summary(rows), "rows": rows}
             report["deployments"][deployment] = runs
-            off, on = runs["off"]["summary"], runs["on"]["summary"]
+            off, retry, on = (runs[m]["summary"] for m in MODES)
             print(f"\n{deployment}: {len(texts)} benign requests ({args.split}), {args.max_tokens} tokens, temperature 0")
-            print("| | stage off | stage on | on/off |\n|---|---:|---:|---:|")
+            print("| | stage off | retry only | prevent + retry | retry/off | prevent/off |\n|---|---:|---:|---:|---:|---:|")
             for name, label in (("declined_eval", "declined (eval's definition)"), ("declined_server", "declined (server's definition)"),
                                 ("retried", "retried"), ("refused_by_rails", "refused by the rails")):  # fmt: skip
-                print(f"| {label} | {off[name]} | {on[name]} | |")
+                print(f"| {label} | {off[name]} | {retry[name]} | {on[name]} | | |")
             for name in ("ttft_p50", "ttft_p95", "e2e_p50", "e2e_p95"):
-                ratio = on[name] / off[name] if off[name] else float("nan")
-                print(f"| {name} (ms) | {off[name] * 1000:.0f} | {on[name] * 1000:.0f} | {ratio:.2f} |")
+                ratios = " | ".join(f"{x[name] / off[name]:.2f}" if off[name] else "nan" for x in (retry, on))
+                print(f"| {name} (ms) | {off[name] * 1000:.0f} | {retry[name] * 1000:.0f} | {on[name] * 1000:.0f} | {ratios} |")
     finally:
         os.environ.pop("ENCLAVE_RAILS_DIR", None)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -6,7 +6,10 @@ quarter of support requests and a tenth of general ones that way (scripts/declin
 decision, not the model's (its refusals are luck either way), so an answer that declines,
 in its opening, a request the rails judged clearly benign is continued with the phrases
 of declining ruled out. A request in the rails' uncertain band keeps the model's
-decline. The policy is data in `rails/config.yml` (`model_declines`).
+decline. With `prevent`, a request scored below the band is generated with those phrases
+ruled out from the start, so that its decline never has to be seen and retried (the
+retry stays, for declines in other words). The policy is data in `rails/config.yml`
+(`model_declines`).
 
 An answer is judged on its opening only: a decline comes first. Nothing the client has
 seen is taken back, so only what may still become a decline is held: the text from
@@ -23,15 +26,45 @@ from typing import Any
 
 import regex  # partial matches: whether the text so far can still become a decline
 
+from server.spellings import spellings
+
 # How far an apology may be from the decline it introduces, within one sentence.
 _SENTENCE_CHARS = 160
 
 
+# Where a word starts: not after a letter, nor after an apostrophe (the "m" of "I'm" is
+# not the start of "my apologies").
+_WORD_START = r"(?<![\w'])"
+
+
 def _any_of(patterns: list[str]) -> str:
-    # A leading \b is read as "not after a letter" (the same before the word it starts):
+    # A leading \b is read as "a word starts here" (the same before the word it starts):
     # \b cannot match at the end of text, which is where the next word of a decline
     # still being generated would start ("…misunderstanding," before " but as a…").
-    return "|".join("(?:" + (r"(?<!\w)" + p[2:] if p.startswith(r"\b") else p) + ")" for p in patterns)
+    return "|".join("(?:" + (_WORD_START + p[2:] if p.startswith(r"\b") else p) + ")" for p in patterns)
+
+
+def _compiled(patterns: list[str], apologies: list[str]) -> regex.Pattern:
+    either = _any_of(patterns or ["(?!)"])
+    if apologies:
+        either = rf"(?:{_WORD_START}(?:{_any_of(apologies)})[^.!?\n]{{0,{_SENTENCE_CHARS}}})?(?:{either})"
+    return regex.compile(either, regex.IGNORECASE)
+
+
+def _ruled_out(pattern: str, avoid: tuple[str, ...]) -> bool:
+    """Whether everything `pattern` matches, as the model writes it, begins with one of
+    the `avoid` phrases (which vLLM's bad_words match exactly): then a generation with
+    them ruled out cannot produce it. The model writes the pronoun "I" capitalised and
+    the first word either way ("unfortunately" mid-sentence is not "Unfortunately")."""
+    found = spellings(pattern)
+    if not found:
+        return False  # open ("as a … bot"): its words cannot all be listed
+
+    def written(s: str) -> set[str]:
+        s = regex.sub(r"(?<!\w)i(?!\w)", "I", s)
+        return {s, s[:1].upper() + s[1:]}
+
+    return all(w.startswith(avoid) for s in found for w in written(s))
 
 
 class Judgement(StrEnum):
@@ -51,7 +84,14 @@ class Scan:
 @dataclass(frozen=True)
 class DeclinePolicy:
     declines: regex.Pattern  # a decline, anywhere in the opening
+    # The declines a generation with `avoid` ruled out can still produce (patterns whose
+    # words cannot all be listed, or not all of which `avoid` begins): all that is looked
+    # for in a prevented generation. None: none.
+    unavoided: regex.Pattern | None
     avoid: tuple[str, ...]  # phrases the continuation may not produce
+    # The first generation of a request below `retry_below` rules out `avoid` from the
+    # start (a decline prevented costs nothing; one retried costs its first token's wait).
+    prevent: bool
     retry_below: float  # retried when the request's P(harmful) is below this
     opening_chars: int  # the opening is at most this long
 
@@ -60,32 +100,38 @@ class DeclinePolicy:
         """The policy of `custom_data.enclave.model_declines`; None when absent or off."""
         if not data or not data.get("enabled", True):
             return None
-        patterns = _any_of(data.get("patterns") or ["(?!)"])
+        avoid = tuple(str(p) for p in data.get("avoid") or [])
+        patterns = [str(p) for p in data.get("patterns") or []]
         # An apology that opens the sentence of a decline is part of it ("I'm sorry for any
         # confusion, but as a chatbot…"): held with it, and not kept when it is retried.
-        apologies = _any_of(data.get("apologies") or [])
-        if apologies:
-            patterns = rf"(?:(?<!\w)(?:{apologies})[^.!?\n]{{0,{_SENTENCE_CHARS}}})?(?:{patterns})"
+        apologies = [str(p) for p in data.get("apologies") or []]
+        unavoided = [p for p in patterns if not _ruled_out(p, avoid)]
         return cls(
-            declines=regex.compile(patterns, regex.IGNORECASE),
-            avoid=tuple(str(p) for p in data.get("avoid") or []),
+            declines=_compiled(patterns, apologies),
+            unavoided=_compiled(unavoided, [a for a in apologies if not _ruled_out(a, avoid)]) if unavoided else None,
+            avoid=avoid,
+            prevent=bool(data.get("prevent", False)),
             retry_below=float(data.get("retry_below", 0.3)),
             opening_chars=int(data.get("opening_chars", 240)),
         )
 
-    def scan(self, text: str, final: bool) -> Scan:
+    def scan(self, text: str, final: bool, prevented: bool = False) -> Scan:
         """Whether an answer's text so far declines, and how much of it may be shown
-        (`final`: the answer is complete)."""
+        (`final`: the answer is complete; `prevented`: it was generated with `avoid` ruled
+        out, so only declines in other words can be starting in it)."""
+        declines = self.unavoided if prevented else self.declines
+        if declines is None:
+            return Scan(Judgement.ANSWER, len(text))
         # Same length: positions in `opening` are positions in `text`.
         opening = text.replace("\u2019", "'")[: self.opening_chars]
-        found = self.declines.search(opening)
+        found = declines.search(opening)
         if found is not None:
             return Scan(Judgement.DECLINE, found.start())
         if final or len(opening) >= self.opening_chars:
             return Scan(Judgement.ANSWER, len(text))
         # The leftmost place a decline may still be starting ("I", "I'm no", "but as a
         # support"): held from there; the rest cannot be part of one.
-        partial = self.declines.search(opening, partial=True)
+        partial = declines.search(opening, partial=True)
         return Scan(Judgement.UNDECIDED, partial.start() if partial is not None else len(text))
 
     def reason(self, text: str) -> str:

@@ -181,9 +181,10 @@ class ChatServing:
         """The answer generated: by the model, through the rails on its output."""
         plan = turn.req.plan
         if plan is None or not plan.has_server_tools or self.tool_loop is None:
-            events = self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
             if self.decline_retry is not None and self.decline_retry.applies(turn):
-                events = self.decline_retry.events(turn, progress, events)
+                events = self.decline_retry.events(turn, progress)  # starts the generation
+            else:
+                events = self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
         else:
             events = self.tool_loop.events(turn, progress)
         if self.output_guard is not None:

@@ -151,24 +151,26 @@ DECLINED = [
 ]
 
 
-def test_benign_requests_the_model_declines_on_its_own_are_answered_by_a_second_generation(live_server):
+def test_benign_requests_the_model_declines_on_its_own_are_answered_without_declining_from_the_first_token(live_server):
     # Judged by the eval's definition of declining (evals/scorers.py), not the server's.
+    # The declining phrases are ruled out of these requests' generation from the start
+    # (rails/config.yml `prevent`); the retry after a decline is tested in
+    # tests/e2e/test_remote_engine.py, on a server without prevention.
     from evals.scorers import refused
 
     client = client_for(live_server)
-    before = live_server.metric("enclave_rail_verdicts_total", stage="output", rail="model declines", verdict="retried")
-    retried = 0
+    counted = lambda verdict: live_server.metric("enclave_rail_verdicts_total", stage="output", rail="model declines", verdict=verdict)
+    prevented, retried = counted("prevented"), counted("retried")
     for text in DECLINED:
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=64, temperature=0)
         answer = reply.choices[0].message.content or ""
         assert reply.choices[0].finish_reason in ("stop", "length") and refused(None, answer) is None, (text, answer)
         assert "chatbot" not in answer.lower(), (text, answer)
-        retried += any(e["rail"] == "model declines" and e["action"] == "retried" for e in events(reply))
-    assert retried >= len(DECLINED) // 2, "the model answered most of these without declining: pick requests it declines"
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": DECLINED[0]}], max_tokens=64, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed and refused(None, streamed) is None and "chatbot" not in streamed.lower()
-    assert live_server.metric("enclave_rail_verdicts_total", stage="output", rail="model declines", verdict="retried") >= before + retried
+    assert counted("prevented") == prevented + len(DECLINED) + 1
+    assert counted("retried") == retried, "a decline got through the rule and was retried"
 
 
 # Synthetic PII, each valid for its checker (Luhn, mod 97, SSA ranges).

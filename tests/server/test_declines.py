@@ -21,6 +21,7 @@ from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import GenerationParams
 from server.engine.scripted import ScriptedEngine
 from server.protocol import ChatCompletionRequest
+from server.spellings import spellings
 from server.telemetry.metrics import Metrics
 from server.turn.decline_retry import DeclineRetry
 from server.turn.events import Kind, TurnEvent
@@ -85,9 +86,101 @@ def _answers(engine):
     return [c for c in engine.calls if not c.request_id.startswith("guard-")]
 
 
-def test_a_benign_request_the_model_declines_is_answered_by_a_second_generation_without_declining_words(api, engine):
-    engine.queue(DECLINE, ANSWER)
+def _rails(tmp_path, prevent: bool, retry_below: float = 0.3):
+    """A copy of rails/ with the stage's `prevent` and `retry_below` set."""
+    rails = tmp_path / "rails"
+    shutil.copytree(RAILS, rails, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = rails / "config.yml"
+    text = cfg.read_text()
+    assert "      prevent: true\n      retry_below: 0.3\n" in text
+    cfg.write_text(text.replace("      prevent: true\n      retry_below: 0.3\n", f"      prevent: {str(prevent).lower()}\n      retry_below: {retry_below}\n"))
+    return rails
+
+
+@pytest.fixture
+def retrying(engine, tmp_path):
+    """The app with prevention off: every decline reaches the retry."""
+    with TestClient(create_app(load_settings(data_dir=tmp_path, rails_dir=_rails(tmp_path, prevent=False)), engine=engine)) as client:
+        yield client
+
+
+def test_the_shipped_policy_prevents_declines_and_every_decline_it_prevents_begins_with_a_ruled_out_phrase():
+    assert POLICY.prevent
+    config = yaml.safe_load((RAILS / "config.yml").read_text())["custom_data"]["enclave"]["model_declines"]
+    # As the model writes it: the sentence's capital I (the patterns are lower case).
+    closed = [spellings(p) for p in config["patterns"]]
+    assert [s is None for s in closed] == [False, False, False, True]  # "as a … bot" is open
+    written = {"I" + w[1:] for found in closed if found for w in found}
+    assert len(written) > 100 and "I'm not designed to" in written
+    assert [w for w in written if not w.startswith(POLICY.avoid)] == []
+    # So in a prevented generation they are not held for, nor are the apologies it cannot
+    # write; the open one, and an apology that can still introduce it, are.
+    for text in ["I", "I'm", "I'm not", "I'm not sure which order you mean."]:
+        assert POLICY.scan(text, final=False, prevented=True).releasable == len(text), text
+    for text in ["I", "I'm", "I'm not"]:
+        assert POLICY.scan(text, final=False).releasable == 0, text
+    assert POLICY.scan("Happy to help, but as a", final=False, prevented=True) == Scan(Judgement.UNDECIDED, len("Happy to help, "))
+    assert POLICY.scan("Sorry for the wait", final=False, prevented=True) == Scan(Judgement.UNDECIDED, 0)
+
+
+def test_only_a_pattern_whose_every_spelling_begins_with_a_ruled_out_phrase_counts_as_prevented():
+    def unavoided(patterns, avoid):
+        policy = DeclinePolicy.from_config({"patterns": patterns, "avoid": avoid})
+        return policy.unavoided.pattern if policy.unavoided is not None else None
+
+    assert unavoided([r"\bi('m| am) unable to\b"], ["I'm unable", "I am unable"]) is None
+    assert "unable" in unavoided([r"\bi('m| am) unable to\b"], ["I'm unable"])  # "I am unable to" is not ruled out
+    assert "unfortunately" in unavoided(["unfortunately, i can't"], ["Unfortunately"])  # mid-sentence it is lower case
+    assert "bot" in unavoided([r"as an? \w+ bot"], ["as a"])  # open: its words cannot be listed, so it is held for
+
+
+def test_a_benign_request_is_generated_with_declining_ruled_out_from_its_first_token(api, engine):
+    # No embedding model here: no harmful-intent score, which the stage reads as benign
+    # (as the retry does).
+    engine.queue(ANSWER)
+    with api.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True}) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == ANSWER
+    [call] = _answers(engine)
+    assert call.params.bad_words == POLICY.avoid and call.request_id not in engine.aborted
+    metrics = api.get("/metrics").text
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="prevented"} 1.0' in metrics
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 0.0' in metrics
+
+
+def test_a_decline_in_words_the_rule_does_not_cover_is_still_retried(api, engine):
+    other = "Sure! However, as a chatbot, I cannot change it."  # "as a chatbot": "chatbot" ruled out, the engine here ignores it
+    engine.queue(other, " You can change it under Billing.")
     body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
+    assert body["choices"][0]["message"]["content"] == "Sure! You can change it under Billing."
+    first, second = _answers(engine)
+    assert first.params.bad_words == second.params.bad_words == POLICY.avoid and second.request_id == first.request_id + "-d"
+
+
+def test_a_request_in_the_uncertain_band_is_generated_again_without_the_rule_before_anything_is_shown(tmp_path):
+    # retry_below 0: every request with a harmful-intent score is "uncertain" for this test.
+    engine = ScriptedEngine([ANSWER, DECLINE], served_model="scripted", max_model_len=256)
+    embedder = Embedder(packaged_model_dir(), "all-MiniLM-L6-v2")
+    settings = load_settings(data_dir=tmp_path, rails_dir=_rails(tmp_path, prevent=True, retry_below=0.0))
+    with TestClient(create_app(settings, engine=engine, embedder=embedder)) as api:
+        body = {"model": "scripted", "messages": ASK, "stream": True, "stream_options": {"include_usage": True}}
+        with api.stream("POST", "/v1/chat/completions", json=body) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        metrics = api.get("/metrics").text
+    # The model's own decline stands there; the generation without it was never shown.
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == DECLINE
+    first, second = _answers(engine)
+    assert first.params.bad_words == POLICY.avoid and first.request_id in engine.aborted
+    assert second.params.bad_words == () and second.request_id == first.request_id + "-u"
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in metrics
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="prevented"} 0.0' in metrics
+    # Both prefills ran: both prompts are in the usage.
+    assert chunks[-1]["usage"]["prompt_tokens"] == 2 * len(first.prompt_token_ids)
+
+
+def test_a_benign_request_the_model_declines_is_answered_by_a_second_generation_without_declining_words(retrying, engine):
+    engine.queue(DECLINE, ANSWER)
+    body = retrying.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
     choice = body["choices"][0]
     assert choice["message"]["content"] == ANSWER and choice["finish_reason"] == "stop"
     first, second = _answers(engine)
@@ -99,45 +192,42 @@ def test_a_benign_request_the_model_declines_is_answered_by_a_second_generation_
     # in the usage (and the cost), since both ran.
     assert first.request_id in engine.aborted
     assert engine.count_tokens(ANSWER) < body["usage"]["completion_tokens"] < engine.count_tokens(DECLINE) + engine.count_tokens(ANSWER)
-    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 1.0' in api.get("/metrics").text
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 1.0' in retrying.get("/metrics").text
 
 
-def test_a_streamed_decline_never_reaches_the_client(api, engine):
+def test_a_streamed_decline_never_reaches_the_client(retrying, engine):
     engine.queue(DECLINE, ANSWER)
-    with api.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True}) as r:
+    with retrying.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True}) as r:
         chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == ANSWER and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_an_answer_that_does_not_decline_is_generated_once(api, engine):
+def test_an_answer_that_does_not_decline_is_generated_once(retrying, engine):
     engine.queue("I'm sorry to hear that. " + ANSWER)
-    body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
+    body = retrying.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
     assert body["choices"][0]["message"]["content"].endswith(ANSWER) and len(_answers(engine)) == 1
     assert not [e for e in body["guardrails"] if e["rail"] == "model declines"]
 
 
-def test_a_second_decline_stands_and_constrained_or_sampled_answers_are_not_judged(api, engine):
+def test_a_second_decline_stands_and_constrained_or_sampled_answers_are_not_judged(retrying, engine):
     engine.queue(DECLINE, DECLINE)
-    body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
+    body = retrying.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
     assert body["choices"][0]["message"]["content"] == DECLINE and len(_answers(engine)) == 2  # one retry, no loop
     engine.calls.clear()
     engine.queue(DECLINE, DECLINE)
-    body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK, "n": 2}).json()
+    body = retrying.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK, "n": 2}).json()
     assert [c["message"]["content"] for c in body["choices"]] == [DECLINE, DECLINE] and len(_answers(engine)) == 1
     engine.calls.clear()
     engine.queue(DECLINE)
-    body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK, "response_format": {"type": "json_object"}}).json()
+    body = retrying.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK, "response_format": {"type": "json_object"}}).json()
     assert len(_answers(engine)) == 1 and _answers(engine)[0].params.json_schema is not None
 
 
 def test_a_decline_of_a_request_in_the_rails_uncertain_band_stands(tmp_path):
     # retry_below 0: every request with a harmful-intent score is "uncertain" for this test
     # (the score needs the embedding model, which the other tests here go without).
-    rails = tmp_path / "rails"
-    shutil.copytree(RAILS, rails, ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = rails / "config.yml"
-    cfg.write_text(cfg.read_text().replace("      retry_below: 0.3\n", "      retry_below: 0.0\n"))
+    rails = _rails(tmp_path, prevent=False, retry_below=0.0)
     engine = ScriptedEngine([DECLINE, ANSWER], served_model="scripted", max_model_len=256)
     embedder = Embedder(packaged_model_dir(), "all-MiniLM-L6-v2")
     with TestClient(create_app(load_settings(data_dir=tmp_path, rails_dir=rails), engine=engine, embedder=embedder)) as api:
@@ -147,10 +237,10 @@ def test_a_decline_of_a_request_in_the_rails_uncertain_band_stands(tmp_path):
     assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in metrics
 
 
-def test_a_decline_after_text_already_shown_is_continued_from_there(api, engine):
+def test_a_decline_after_text_already_shown_is_continued_from_there(retrying, engine):
     shown = "Thanks for asking!"
     engine.queue(shown + " However, as a chatbot, I cannot change it.", " You can change it under Billing.")
-    with api.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True, "max_tokens": 20}) as r:
+    with retrying.stream("POST", "/v1/chat/completions", json={"model": "scripted", "messages": ASK, "stream": True, "max_tokens": 20}) as r:
         chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == shown + " You can change it under Billing." and chunks[-1]["choices"][0]["finish_reason"] == "stop"
