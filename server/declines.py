@@ -134,6 +134,21 @@ class DeclinePolicy:
         partial = declines.search(opening, partial=True)
         return Scan(Judgement.UNDECIDED, partial.start() if partial is not None else len(text))
 
+    def avoid_after(self, decline: str) -> tuple[str, ...]:
+        """The phrases a retry of `decline` (the text from where it starts) may not
+        produce: `avoid`, and, when the decline does not begin with one of those (its
+        words were not listed: "sorry for any misunderstanding, but as a chat AI"), its
+        own first word, or first two after a pronoun, so that the retry cannot open the
+        same way again."""
+        decline = decline.replace("\u2019", "'").lstrip()
+        if decline.startswith(self.avoid):
+            return self.avoid
+        words = regex.findall(r"[\w']+", decline)
+        if not words:
+            return self.avoid
+        opening = " ".join(words[:2]) if words[0] in ("I", "I'm", "We", "We're") or len(words[0]) < 3 else words[0]
+        return (*self.avoid, opening)
+
     def reason(self, text: str) -> str:
         found = self.declines.search(text.replace("\u2019", "'")[: self.opening_chars])
         return f"the model declined: {found.group(0)!r}" if found else "the model declined"

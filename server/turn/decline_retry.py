@@ -1,5 +1,6 @@
 """The decline stage: an answer that declines, in its opening, a request the rails judged
-clearly benign is continued with the phrases of declining ruled out.
+clearly benign is continued with the phrases of declining ruled out (and the decline's
+own opening word, when those phrases did not cover it: `DeclinePolicy.avoid_after`).
 
 Policy and judgement are `server/declines.py` (configured in `rails/config.yml`). Only a
 plain text answer of one choice is judged: a constrained answer (tool calls, JSON) cannot
@@ -82,6 +83,7 @@ class DeclineRetry:
                         shown_ids += h.token_ids
                     yield h
                 if scan.judgement is Judgement.DECLINE and await self._retry(turn, text, harm):
+                    avoid = self.policy.avoid_after(text[scan.releasable :])
                     break
                 if scan.judgement is not Judgement.UNDECIDED:
                     judging = False  # the opening is judged: the rest streams as it comes
@@ -98,7 +100,7 @@ class DeclineRetry:
         # within what is left of the answer's token budget.
         step = turn.step
         step.prompt_token_ids = [*step.prompt_token_ids, *shown_ids]
-        step.params = dataclasses.replace(step.params, bad_words=self.policy.avoid, max_tokens=max(1, step.params.max_tokens - len(shown_ids)))
+        step.params = dataclasses.replace(step.params, bad_words=avoid, max_tokens=max(1, step.params.max_tokens - len(shown_ids)))
         async for ev in self.generation.step_events(turn, progress, f"{turn.engine_request_id}-d", server=set()):
             yield ev
 

@@ -148,13 +148,19 @@ def test_a_benign_request_is_generated_with_declining_ruled_out_from_its_first_t
     assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 0.0' in metrics
 
 
-def test_a_decline_in_words_the_rule_does_not_cover_is_still_retried(api, engine):
-    other = "Sure! However, as a chatbot, I cannot change it."  # "as a chatbot": "chatbot" ruled out, the engine here ignores it
+def test_a_decline_in_words_the_rule_does_not_cover_is_still_retried_without_its_opening_word(api, engine):
+    other = "Sure! We're sorry, but as a support AI we cannot change it."  # in no avoid phrase
     engine.queue(other, " You can change it under Billing.")
     body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK}).json()
-    assert body["choices"][0]["message"]["content"] == "Sure! You can change it under Billing."
+    assert body["choices"][0]["message"]["content"] == "Sure! We're You can change it under Billing."
     first, second = _answers(engine)
-    assert first.params.bad_words == second.params.bad_words == POLICY.avoid and second.request_id == first.request_id + "-d"
+    assert first.params.bad_words == POLICY.avoid and second.request_id == first.request_id + "-d"
+    # The retry may not open with the decline's first word again ("sorry"), which no
+    # avoid phrase covers; a decline that begins with an avoid phrase adds nothing.
+    assert second.params.bad_words == (*POLICY.avoid, "sorry")
+    assert POLICY.avoid_after("I'm sorry, but I can't") == POLICY.avoid
+    assert POLICY.avoid_after("However, as a support bot") == (*POLICY.avoid, "However")
+    assert POLICY.avoid_after("I really can not do that") == (*POLICY.avoid, "I really")
 
 
 def test_a_request_in_the_uncertain_band_is_generated_again_without_the_rule_before_anything_is_shown(tmp_path):
@@ -249,7 +255,7 @@ def test_a_decline_after_text_already_shown_is_continued_from_there(retrying, en
     # within what is left of the answer's tokens.
     assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
     assert len(second.prompt_token_ids) - len(first.prompt_token_ids) == engine.count_tokens(shown) == 3
-    assert second.params.max_tokens == 17 and second.params.bad_words == POLICY.avoid
+    assert second.params.max_tokens == 17 and second.params.bad_words == (*POLICY.avoid, "However")
 
 
 def test_text_is_released_as_soon_as_no_decline_can_start_in_it():
