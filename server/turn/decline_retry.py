@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import math
 from collections.abc import AsyncIterator
 
 from server.declines import DeclinePolicy, Judgement, Scan
@@ -36,6 +38,7 @@ from server.turn.generation import Generation
 from server.turn.state import Progress, Turn
 
 RAIL = "model declines"
+log = logging.getLogger(__name__)
 
 
 class DeclineRetry:
@@ -133,7 +136,13 @@ class DeclineRetry:
 
     async def _p_harmful(self, turn: Turn) -> float | None:
         asked = next((m["content"] for m in reversed(turn.step.messages) if m["role"] == "user" and m.get("content")), "")
-        return await self.guard.p_harmful(asked) if asked else None
+        try:
+            return await self.guard.p_harmful(asked) if asked else None
+        except Exception:
+            # Not knowing is not "benign": the model's own declines stand (the input
+            # rails, which need the same score, decide what happens to the turn).
+            log.warning("model declines: no harmful-intent score; nothing is ruled out or retried", exc_info=True)
+            return math.inf
 
     async def _retry(self, turn: Turn, text: str, harm: asyncio.Future[float | None] | None) -> bool:
         """Whether a decline is retried (and reported so); else it is kept (counted)."""

@@ -20,6 +20,7 @@ from server.declines import DeclinePolicy, Judgement, Scan
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.base import GenerationParams
 from server.engine.scripted import ScriptedEngine
+from server.guard import Guard
 from server.protocol import ChatCompletionRequest
 from server.spellings import spellings
 from server.telemetry.metrics import Metrics
@@ -161,6 +162,19 @@ def test_a_decline_in_words_the_rule_does_not_cover_is_still_retried_without_its
     assert POLICY.avoid_after("I'm sorry, but I can't") == POLICY.avoid
     assert POLICY.avoid_after("However, as a support bot") == (*POLICY.avoid, "However")
     assert POLICY.avoid_after("I really can not do that") == (*POLICY.avoid, "I really")
+
+
+def test_without_a_harmful_intent_score_nothing_is_ruled_out_or_retried(api, engine, monkeypatch):
+    async def broken(self, text):
+        raise RuntimeError("the embedding model is gone")
+
+    monkeypatch.setattr(Guard, "p_harmful", broken)
+    engine.queue(ANSWER, DECLINE)
+    r = api.post("/v1/chat/completions", json={"model": "scripted", "messages": ASK})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == DECLINE
+    prevented, plain = _answers(engine)
+    assert prevented.request_id in engine.aborted and plain.params.bad_words == ()
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in api.get("/metrics").text
 
 
 def test_a_request_in_the_uncertain_band_is_generated_again_without_the_rule_before_anything_is_shown(tmp_path):
