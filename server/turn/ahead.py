@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from server.turn.events import TurnEvent
+from server.turn.state import Progress
 
 
 class Ahead:
@@ -34,3 +35,12 @@ class Ahead:
         self.first.cancel()
         await asyncio.gather(self.first, return_exceptions=True)
         await self.stream.aclose()  # type: ignore[attr-defined]
+
+    async def supersede(self, progress: Progress) -> None:
+        """Stop it because another generation takes its place (counted so, not as a
+        client that left)."""
+        progress.superseding = True
+        try:
+            await self.aclose()
+        finally:
+            progress.superseding = False

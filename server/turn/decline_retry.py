@@ -87,6 +87,7 @@ class DeclineRetry:
                     yield h
                 if scan.judgement is Judgement.DECLINE and await self._retry(turn, text, harm):
                     avoid = self.policy.avoid_after(text[scan.releasable :])
+                    progress.superseding = True  # the retry takes its place
                     break
                 if scan.judgement is not Judgement.UNDECIDED:
                     judging = False  # the opening is judged: the rest streams as it comes
@@ -98,7 +99,10 @@ class DeclineRetry:
                     yield h
                 return
         finally:
-            await first.aclose()  # type: ignore[attr-defined]  # frees the engine's slot now
+            try:
+                await first.aclose()  # type: ignore[attr-defined]  # frees the engine's slot now
+            finally:
+                progress.superseding = False
         # The retry goes on from what the client has seen (nothing shown is taken back),
         # within what is left of the answer's token budget.
         step = turn.step
@@ -127,7 +131,7 @@ class DeclineRetry:
             return ahead, harm
         # The model's own decline stands in the uncertain band: it may not be ruled out.
         # Both generations' tokens count, as in a retry (the first one's prefill ran).
-        await ahead.aclose()
+        await ahead.supersede(progress)
         turn.step.params = plain
         return self.generation.step_events(turn, progress, f"{turn.engine_request_id}-u", server=set()), harm
 

@@ -65,7 +65,7 @@ class Generation:
                 # The client went away (or we failed): free the engine's slot now rather
                 # than letting it generate tokens nobody will read.
                 await self.engine.abort(request_id)
-                reason = "repeated_tool_call" if stop_early() else "client_disconnected"
+                reason = "repeated_tool_call" if stop_early() else "superseded" if progress.superseding else "client_disconnected"
                 self.metrics.aborted.labels(model=self.model, reason=reason).inc()
             await stream.aclose()
 

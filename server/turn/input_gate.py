@@ -125,7 +125,7 @@ class InputGate:
             async for ev in ahead:
                 yield ev
             return
-        await ahead.aclose()
+        await ahead.supersede(progress)
         progress.reset()
         turn.attempt += 1
         await restart(self.apply(turn, gate.messages, verdicts))

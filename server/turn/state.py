@@ -89,6 +89,10 @@ class Progress:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     first_token_at: float | None = None
+    # Set by a stage while it stops a generation it no longer wants (the input rails
+    # refused or rewrote its input, the decline stage replaces it): the abort is counted
+    # as "superseded", not as the client leaving.
+    superseding: bool = False
 
     def reset(self) -> None:
         self.completion_tokens = self.prompt_tokens = 0

@@ -194,6 +194,9 @@ def test_a_request_in_the_uncertain_band_is_generated_again_without_the_rule_bef
     assert second.params.bad_words == () and second.request_id == first.request_id + "-u"
     assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in metrics
     assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="prevented"} 0.0' in metrics
+    # The dropped generation is not a client that left.
+    assert 'enclave_requests_aborted_total{model="scripted",reason="superseded"} 1.0' in metrics
+    assert 'reason="client_disconnected"' not in metrics
     # Both prefills ran: both prompts are in the usage.
     assert chunks[-1]["usage"]["prompt_tokens"] == 2 * len(first.prompt_token_ids)
 
@@ -212,7 +215,9 @@ def test_a_benign_request_the_model_declines_is_answered_by_a_second_generation_
     # in the usage (and the cost), since both ran.
     assert first.request_id in engine.aborted
     assert engine.count_tokens(ANSWER) < body["usage"]["completion_tokens"] < engine.count_tokens(DECLINE) + engine.count_tokens(ANSWER)
-    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 1.0' in retrying.get("/metrics").text
+    metrics = retrying.get("/metrics").text
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="retried"} 1.0' in metrics
+    assert 'enclave_requests_aborted_total{model="scripted",reason="superseded"} 1.0' in metrics and 'reason="client_disconnected"' not in metrics
 
 
 def test_a_streamed_decline_never_reaches_the_client(retrying, engine):
