@@ -158,4 +158,3 @@ class DeclineRetry:
         benign = "no harmful-intent score" if p is None else f"P(harmful)={p:.2f} < {self.policy.retry_below}"
         turn.guards.add([GuardEvent(Stage.OUTPUT.value, RAIL, "retried", f"{self.policy.reason(text)}; {benign}")])
         return True
-

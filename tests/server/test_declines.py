@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 
 import pytest
@@ -28,7 +27,7 @@ from server.turn.decline_retry import DeclineRetry
 from server.turn.events import Kind, TurnEvent
 from server.turn.guard_ledger import GuardLedger
 from server.turn.state import Progress, Turn, TurnRequest
-from tests.server.rails_dirs import RAILS
+from tests.server.rails_dirs import RAILS, rails_copy
 
 POLICY = DeclinePolicy.from_config(yaml.safe_load((RAILS / "config.yml").read_text())["custom_data"]["enclave"]["model_declines"])
 # SmolLM2-135M's own words for requests a support desk answers every day.
@@ -89,13 +88,7 @@ def _answers(engine):
 
 def _rails(tmp_path, prevent: bool, retry_below: float = 0.3):
     """A copy of rails/ with the stage's `prevent` and `retry_below` set."""
-    rails = tmp_path / "rails"
-    shutil.copytree(RAILS, rails, ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = rails / "config.yml"
-    text = cfg.read_text()
-    assert "      prevent: true\n      retry_below: 0.3\n" in text
-    cfg.write_text(text.replace("      prevent: true\n      retry_below: 0.3\n", f"      prevent: {str(prevent).lower()}\n      retry_below: {retry_below}\n"))
-    return rails
+    return rails_copy(tmp_path, {"      prevent: true\n      retry_below: 0.3\n": f"      prevent: {str(prevent).lower()}\n      retry_below: {retry_below}\n"})
 
 
 @pytest.fixture
