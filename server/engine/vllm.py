@@ -105,6 +105,8 @@ class VllmEngine(Engine):
         self.served_model = profile.name
         self.max_model_len = max_model_len
         self._counts: _SchedulerCounts | None = None  # set by load()
+        # Token sequences of each bad-words list, by the list (see _bad_word_ids).
+        self._bad_words: dict[tuple[str, ...], list[list[int]]] = {}
 
     @classmethod
     def load(
@@ -169,7 +171,7 @@ class VllmEngine(Engine):
             structured = StructuredOutputsParams(regex=params.regex)
         elif params.json_schema is not None:
             structured = StructuredOutputsParams(regex=response_format_regex(params.json_schema))
-        return SamplingParams(
+        sampling = SamplingParams(
             n=params.n,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -186,8 +188,28 @@ class VllmEngine(Engine):
             logprobs=params.logprobs,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured,
-            bad_words=list(params.bad_words) or None,
         )
+        if params.bad_words:
+            # Handed over tokenised: vLLM would tokenise every phrase (twice) for every
+            # request, a few milliseconds of the request's way to the engine.
+            sampling._bad_words_token_ids = [list(ids) for ids in self._bad_word_ids(params.bad_words)]
+        return sampling
+
+    def _bad_word_ids(self, words: tuple[str, ...]) -> list[list[int]]:
+        """vLLM's own tokenisation of a bad-words list (each phrase alone and after a
+        space, as its SamplingParams does it), computed once per list: the lists are the
+        rails' configured phrases, so there are few."""
+        found = self._bad_words.get(words)
+        if found is None:
+            from vllm import SamplingParams
+
+            probe = SamplingParams(bad_words=list(words))
+            probe.update_from_tokenizer(self._llm.get_tokenizer())
+            found = probe.bad_words_token_ids or []
+            if len(self._bad_words) >= 64:  # a caller's own lists could vary: bounded
+                self._bad_words.clear()
+            self._bad_words[words] = found
+        return found
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationChunk]:
         from vllm.exceptions import VLLMClientError
@@ -195,6 +217,8 @@ class VllmEngine(Engine):
 
         try:
             sampling = self._sampling_params(params)
+        except VLLMClientError as exc:  # a bad-words list vLLM refuses
+            raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         try:

@@ -36,6 +36,30 @@ def test_sampling_params_carry_every_field():
     assert sp.structured_outputs.json is None and sp.structured_outputs.regex == response_format_regex(JSON_OBJECT_SCHEMA)
 
 
+def test_bad_words_reach_vllm_tokenised_once_per_list_as_vllm_tokenises_them():
+    from vllm.sampling_params import SamplingParams
+    from vllm.tokenizers import get_tokenizer
+
+    from server.checkpoints import checkpoint_dir
+
+    settings = load_settings()
+    tokenizer = get_tokenizer(str(checkpoint_dir(find_profile(settings.profiles_dir, "smollm2"), settings.models_dir)))
+    asked = []
+    engine = VllmEngine.__new__(VllmEngine)
+    engine._bad_words = {}
+    engine._llm = SimpleNamespace(get_tokenizer=lambda: asked.append(1) or tokenizer)
+    words = ("I'm sorry", "chatbot", "as an AI")
+    own = SamplingParams(bad_words=list(words))
+    own.update_from_tokenizer(tokenizer)
+    for _ in range(3):
+        sp = engine._sampling_params(GenerationParams(max_tokens=4, bad_words=words))
+        assert sp.bad_words_token_ids == own.bad_words_token_ids and len(own.bad_words_token_ids) >= len(words)
+        sp.update_from_tokenizer(tokenizer)  # what vLLM does on the way in: nothing left to redo
+        assert sp.bad_words_token_ids == own.bad_words_token_ids
+    assert len(asked) == 1
+    assert engine._sampling_params(GenerationParams(max_tokens=4)).bad_words_token_ids is None
+
+
 def test_logprobs_keep_top_k_in_rank_order_and_clamp_infinity():
     lp = lambda v, rank, tok: SimpleNamespace(logprob=v, rank=rank, decoded_token=tok)
     # The sampled token (9) ranks 5th: outside the top 2, so it is not among the alternatives.
