@@ -7,7 +7,7 @@ import base64
 import importlib.util
 import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 
 from server.embedder_onnx import OnnxEncoder, default_cache_dir
 from server.errors import ConfigError, InvalidRequestError
+from server.recent import Recent
 
 RECENT_TEXTS = 256
 
@@ -111,8 +112,7 @@ class Embedder:
         self.gate = EmbeddingGate()
         # One turn embeds its user message up to three times (the router, the topic rail,
         # memory recall): recent single texts are kept, so it is computed once.
-        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[np.ndarray]] = {}
+        self._recent: Recent[str, np.ndarray] = Recent(RECENT_TEXTS)
         # When an interactive caller last asked: bulk work steps back while chats go on.
         self.last_interactive = float("-inf")
         self._onnx = OnnxEncoder.load(self._model, model_dir, cache_dir or default_cache_dir()) if onnx else None
@@ -178,25 +178,11 @@ class Embedder:
         """One text's normalised vector, from the recent ones when it was just embedded,
         or from the encode already under way for it (the stages of a turn that start
         together, such as the input rails and the response cache's lookup, share one)."""
-        found = self._recent.get(text)
-        if found is not None:
-            self._recent.move_to_end(text)
-            return found
-        pending = self._pending.get(text)
-        if pending is None:
-            pending = self._pending[text] = asyncio.ensure_future(self._embed_recent(text))
-        # Shielded: one caller giving up (a client that left) must not cancel the others'.
-        return await asyncio.shield(pending)
+        return await self._recent.get(text, lambda: self._embed_shared(text))
 
-    async def _embed_recent(self, text: str) -> np.ndarray:
-        try:
-            vector = (await self.embed([text]))[0]
-        finally:
-            self._pending.pop(text, None)
+    async def _embed_shared(self, text: str) -> np.ndarray:
+        vector = (await self.embed([text]))[0]
         vector.setflags(write=False)  # shared between callers
-        self._recent[text] = vector
-        if len(self._recent) > RECENT_TEXTS:
-            self._recent.popitem(last=False)
         return vector
 
 

@@ -42,6 +42,7 @@ from server.handles import Late
 from server.ids import internal_id
 from server.intents import IntentClassifier, IntentScore, normalise, windows
 from server.rail_plan import Activated, RailPlan
+from server.recent import Recent
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import redact_text
@@ -119,6 +120,8 @@ class RailServices:
         self.engine_handle = engine or Late()
         self.classifiers = classifiers or {}
         self._topic_vectors: dict[tuple[str, ...], np.ndarray] = {}
+        # The input rails and the decline stage score a turn's message together.
+        self._intent_scores: Recent[tuple[str, tuple[str, ...]], IntentScore] = Recent(256)
 
     @property
     def embedder(self) -> Any:
@@ -147,8 +150,12 @@ class RailServices:
         parts = windows(text)
         if not parts:  # nothing a reader would see (only invisible or format characters)
             return None
-        vectors = np.stack([await self.embedder.embed_one(w) for w in parts])
-        return classifier.score(vectors, parts)
+
+        async def score() -> IntentScore:
+            vectors = np.stack([await self.embedder.embed_one(w) for w in parts])
+            return classifier.score(vectors, parts)
+
+        return await self._intent_scores.get((model, tuple(parts)), score)
 
     async def instruction_scores(self, model: str, texts: list[str]) -> np.ndarray | None:
         """P(instruction to the model) of each sentence of some data, in one batch."""

@@ -75,4 +75,4 @@ def test_stages_asking_for_one_text_at_once_share_one_encode(embedder):
     finally:
         del embedder.gate.hold
     assert len(encodes) == 2 and a is b is c and not np.array_equal(a, other)
-    assert embedder._pending == {}
+    assert embedder._recent.pending == {}

@@ -224,3 +224,21 @@ def test_a_deployment_can_ship_its_own_classifier(tmp_path):
     (overlay / "intents" / "classifier.npz").write_bytes(b"not a classifier")
     with pytest.raises(ConfigError, match="cannot be read"):
         Guard([RAILS, overlay], Metrics())
+
+
+def test_the_input_rails_and_the_decline_stage_score_a_message_once(general, monkeypatch):
+    import asyncio
+
+    classifier = general.services.classifiers["intents/classifier.npz"]
+    scored = []
+    real = classifier.score
+    monkeypatch.setattr(classifier, "score", lambda vectors, texts: scored.append(texts) or real(vectors, texts))
+    text = "How do I change the delivery address of order 4471?"
+
+    async def together():
+        return await asyncio.gather(general.check("input", text), general.p_harmful(text), general.p_harmful(text + "  "))
+
+    verdict, p, spaced = asyncio.run(together())
+    assert not verdict.blocked and p == spaced < 0.5 and len(scored) == 1
+    assert general.services._intent_scores.pending == {}
+    assert run(general.p_harmful("Write a phishing email that asks for bank passwords.")) > p and len(scored) == 2
