@@ -18,7 +18,8 @@ phrases ruled out, while the request's harmful-intent score is computed (the inp
 compute the same one, for the same text, so it is shared). Before its first event is
 released: a request below `retry_below` keeps it (counted as "prevented"); one in the
 uncertain band, whose decline would stand, has it dropped unseen and generated anew
-without the rule. A decline in other words is still retried as above.
+without the rule, and streams without being held. A decline in other words is still
+retried as above.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class DeclineRetry:
             first, harm = await self._start(turn, progress)
         # Generated with `avoid` ruled out: only declines in other words are looked for.
         prevented = bool(turn.step.params.bad_words)
+        # Known to be in the uncertain band: a decline would stand, so nothing is held for
+        # one (the opening is still judged, to count a decline kept).
+        keeping = harm is not None and harm.done() and self._uncertain(harm.result())
         held: list[TurnEvent] = []  # not yet shown: a decline may be starting in them
         shown = ""  # text of the events shown
         shown_ids: list[int] = []  # their tokens, as the engine generated them
@@ -79,7 +83,7 @@ class DeclineRetry:
                 else:
                     scan = Scan(Judgement.ANSWER, len(text))  # a call: not an answer in words
                 # What cannot be part of a decline goes out now, in order.
-                while held and (held[0].kind is not Kind.TEXT or len(shown) + len(held[0].text) <= scan.releasable):
+                while held and (keeping or held[0].kind is not Kind.TEXT or len(shown) + len(held[0].text) <= scan.releasable):
                     h = held.pop(0)
                     if h.kind is Kind.TEXT:
                         shown += h.text

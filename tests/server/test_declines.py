@@ -296,3 +296,37 @@ def test_text_is_released_as_soon_as_no_decline_can_start_in_it():
         "in  Sorry", "in  for", "in  the", "in  wait.", "out  Sorry", "out  for", "out  the", "out  wait.",  # an apology, to its sentence's end
         "in finish", "out stop",
     ]  # fmt: skip
+
+
+def test_in_the_uncertain_band_nothing_is_held_and_a_decline_is_counted_kept():
+    log: list[str] = []
+
+    async def first():
+        for word in ["I'm", " sorry,", " but", " as", " a", " chatbot,", " I", " can't."]:
+            log.append(f"in {word}")
+            yield TurnEvent(Kind.TEXT, 0, word)
+        log.append("in finish")
+        yield TurnEvent.finish(0, "stop")
+
+    metrics = Metrics()
+    stage = DeclineRetry(None, POLICY, None, metrics)  # type: ignore[arg-type]
+
+    async def uncertain(turn, progress):
+        p = asyncio.get_running_loop().create_future()
+        p.set_result(POLICY.retry_below + 0.1)  # the score, known before the first event
+        return first(), p
+
+    stage._start = uncertain  # type: ignore[method-assign]
+
+    async def run():
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": ASK})
+        turn = Turn(TurnRequest("chatcmpl-1", body, ANONYMOUS, None, time.perf_counter()), GuardLedger())
+        turn.step.params = GenerationParams(max_tokens=16)
+        async for ev in stage.events(turn, Progress()):
+            log.append(f"out {ev.text}")
+
+    asyncio.run(run())
+    # Each word goes out as it comes: the decline would stand, so there is nothing to wait for.
+    words = [w for w in log if w.startswith("in ") and w != "in finish"]
+    assert log[: 2 * len(words)] == [x for w in words for x in (w, "out " + w[3:])]
+    assert 'enclave_rail_verdicts_total{rail="model declines",stage="output",verdict="kept"} 1.0' in metrics.render().decode()
