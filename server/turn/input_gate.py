@@ -1,11 +1,13 @@
 """The input gate: the new user message through the input rails and new tool results
 through the tool-result rails, before memory, retrieval, logs or the model see them.
 
-One exception changes nothing they see: when the new input holds no personal data and
-no server tool can run, the verdict is left pending (`PendingGate`) and generation
-starts alongside the rails; nothing is released, stored or run until it is in (`gated`).
-If the rails refuse or rewrite, that generation is dropped unseen and the turn restarts
-from their text, so the model reads exactly what the rails would have passed to it.
+One exception changes nothing they see: when the new input is a user message and no
+server tool can run, the verdict is left pending (`PendingGate`) and generation starts
+alongside the rails, on the message with its personal data masked (what the PII rail
+makes of it); nothing is released, stored or run until the verdict is in (`gated`). If
+the rails refuse, or pass a text other than the one generated from, that generation is
+dropped unseen and the turn restarts from their text, so the model reads exactly what
+the rails would have passed to it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from server.engine.base import Engine
-from server.guard import Guard, Stage, Status, Verdict
+from server.guard import Guard, Stage, Verdict
 from server.telemetry.redaction import mask_pii
 from server.turn.ahead import Ahead
 from server.turn.events import TurnEvent
@@ -29,6 +31,7 @@ Checks = dict[int, tuple[Stage, str, dict | None]]
 class PendingGate:
     checks: Checks
     messages: list[dict[str, str]]  # as they came, before any verdict
+    generated_from: dict[int, str]  # by message index: the text generation started on
 
 
 class InputGate:
@@ -86,12 +89,13 @@ class InputGate:
         # Only a user message is checked alongside: tool results are data the model must
         # not read before their instructions are removed.
         user_only = all(messages[i]["role"] == "user" for i in checks)
-        pii_free = not any(mask_pii(messages[i]["content"])[1] for i in checks)
         plan = turn.req.plan
-        if user_only and pii_free and (plan is None or not plan.has_server_tools):
-            turn.gate = PendingGate(checks, messages)
-            # Identical to what the rails return unless they refuse or rewrite.
-            return self.apply(turn, messages, {})
+        if user_only and (plan is None or not plan.has_server_tools):
+            # Personal data masked, as the rails mask it (unless they are configured for
+            # fewer kinds, or rewrite: then the verdict's text differs and the turn restarts).
+            ahead = self.apply(turn, messages, {})
+            turn.gate = PendingGate(checks, messages, {i: ahead[i]["content"] for i in checks})
+            return ahead
         return self.apply(turn, messages, await self.run(checks))
 
     async def gated(
@@ -120,7 +124,7 @@ class InputGate:
             await ahead.aclose()
             raise
         turn.gate = None
-        if all(v.status == Status.PASSED for v in verdicts.values()):
+        if all(not v.blocked and v.text == gate.generated_from[i] for i, v in verdicts.items()):
             turn.guards.add([e for v in verdicts.values() for e in v.events])
             async for ev in ahead:
                 yield ev

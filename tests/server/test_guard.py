@@ -19,7 +19,7 @@ from server.errors import ConfigError
 from server.guard import Guard
 from server.telemetry.metrics import Metrics
 from server.telemetry.redaction import iban_ok, luhn_ok, mask_pii
-from tests.server.rails_dirs import RAILS, SUPPORT, run
+from tests.server.rails_dirs import RAILS, SUPPORT, rails_copy, run
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,8 @@ def test_blocked_input_is_a_refusal_with_content_filter_and_nothing_generated_is
 
 
 def test_the_model_never_sees_the_pii_it_was_sent(api, engine):
-    # With PII in the input, the rails finish before the engine is called at all.
+    # The generation that starts alongside the rails reads the message with its PII
+    # masked, as the rails mask it: they pass that same text, so it is kept.
     engine.queue("Noted.")
     body = api.post(
         "/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "my email is jane@corp.example, where is my order?"}]}
@@ -245,3 +246,21 @@ def test_a_confirmed_actions_result_is_neutralised_before_the_model_reads_it(tmp
     assert body["pending_action"]["status"] == "succeeded"
     assert {"stage": "tool_result", "rail": "enclave check tool result", "action": "neutralised", "reason": "removed 1 instruction(s)"} in body["guardrails"]
     assert "evil" not in "".join(engine._vocab) and "[instruction removed]" in "".join(engine._vocab)
+
+
+def test_a_generation_from_text_the_rails_did_not_pass_is_dropped_and_redone_from_theirs(tmp_path):
+    # Rails that mask cards only: generation started on the message with every kind of
+    # personal data masked, which is not the text the rails pass (the email stays, by the
+    # operator's choice), so the turn restarts from the rails' text.
+    rails = rails_copy(tmp_path, {"    pii_kinds: [EMAIL, CARD, IBAN, SSN, NINO, PHONE, ADDRESS]": "    pii_kinds: [CARD]"})
+    engine = ScriptedEngine(["SPECULATIVE answer", "Noted."], served_model="scripted", max_model_len=256)
+    with TestClient(create_app(load_settings(data_dir=tmp_path, rails_dir=rails), engine=engine)) as api:
+        msg = "my email is jane@corp.example and my card 4111 1111 1111 1111, where is my order?"
+        body = api.post("/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": msg}]}).json()
+    assert body["choices"][0]["message"]["content"] == "Noted." and "SPECULATIVE" not in json.dumps(body)
+    first, second = engine.calls
+    assert first.request_id in engine.aborted
+    pieces = {i: piece for piece, i in engine._vocab.items()}
+    said = lambda call: "".join(pieces[i] for i in call.prompt_token_ids)
+    assert "[EMAIL]" in said(first) and "jane@corp.example" in said(second)
+    assert "4111" not in said(first) + said(second) and "[CARD]" in said(second)
