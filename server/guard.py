@@ -488,6 +488,11 @@ def _reason(rail: Any, outcome: Any) -> str:
 # A token that may be the start of personal data still being written.
 _SUSPECT = re.compile(r"[\d@]")
 _TOKENS = re.compile(r"\S+")
+# A word no personal data runs through (server/telemetry/redaction.py): its detectors
+# span words of digits, upper-case groups (IBAN), one-letter suffixes (NINO) or
+# capitalised street names (ADDRESS), and an email has no spaces. Personal data before
+# such a word is complete.
+_CLOSES = re.compile(r"[a-z]{2,}[,.;:!?]?")
 
 
 @dataclass
@@ -504,7 +509,9 @@ class OutputWindow:
     the unguarded one); later windows every WINDOW_CHARS characters, on word boundaries.
     Words that may be part of personal data still being written (any with a digit or an
     @ among the last HOLD words: card numbers, IBANs, phone numbers and addresses span
-    several words) stay held until they are complete, so the PII rail sees them whole."""
+    several words) stay held until they are complete, so the PII rail sees them whole:
+    until HOLD words follow, or a complete lower-case word does (`_CLOSES`; a numbered
+    list's "1." then waits two words, not eight)."""
 
     WINDOW_CHARS = 96  # about 20 tokens: each window costs one pass of the output rails
     HOLD = 8
@@ -536,8 +543,9 @@ class OutputWindow:
             first_word_only = not self.released and len(words) == 1 and last.group().isalpha()
             if not first_word_only:
                 p = last.start()
+        closed = max((w.end() for w in words if w.end() < len(text) and _CLOSES.fullmatch(w.group())), default=0)
         for w in words[-self.HOLD :]:
-            if w.start() < p and _SUSPECT.search(w.group()):
+            if closed <= w.start() < p and _SUSPECT.search(w.group()):
                 p = w.start()
                 break
         return p

@@ -146,6 +146,10 @@ def test_output_window_never_releases_a_card_number_split_over_tokens(guard):
     assert out[0] == "Sure"  # the first word goes out at once
     assert "".join(out) == "Sure, your card [CARD] is on file."
     assert not any("4111" in o for o in out)
+    # A lower-case word ends any personal data before it: a numbered list's first window
+    # waits for the words after "1." that show it is not a number still being written.
+    out = run(stream(["1", ".", " Open", " the", " app", " and", " call", " +", "1", " 415", " 555", " 01", "32", " or", " write", " to", " us", "."]))
+    assert out == ["1. Open the ", "app and call [PHONE] or write to us."]
 
 
 # ------------------------------------------------------------------ the turn pipeline
