@@ -5,9 +5,11 @@ each rail's latency (p50/p95) as the server reports it in /metrics.
 
 Two servers run side by side on the same model: one with rails/ (the default), one
 with ENCLAVE_RAILS=false (and with --nemo a third, whose rails all run through NeMo's
-Colang runtime: ENCLAVE_RAILS_COMPILED=false). Each round times a block of requests on each (the order
-swapped every round, after the other engine has settled: vLLM's CPU engine keeps its
-cores busy for a moment after work), so machine noise falls on both alike. The requests are the benign
+Colang runtime: ENCLAVE_RAILS_COMPILED=false). For TTFT the servers take turns request
+by request, the same request on each, each after the other's engine has gone idle
+(vLLM's CPU engine polls on one core for a second after its last step: --gap), so the
+machine's drift falls on both alike; throughput is timed in blocks, the order swapped
+every round. The requests are the benign
 support set of the red-team tests (tests/redteam/benign.jsonl) with a support system
 prompt: the traffic the rails are meant to pass, where their cost is pure overhead.
 
@@ -82,7 +84,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30, help="sequential requests per round, per server")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds between blocks")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds between throughput blocks")
+    parser.add_argument("--gap", type=float, default=1.2, help="seconds between two TTFT requests")
     parser.add_argument("--nemo", action="store_true", help="a third server: rails on, every check through NeMo's runtime")
     parser.add_argument("--remote", action="store_true", help="the servers generate on one vLLM server; prints their CPU per request")
     args = parser.parse_args()
@@ -115,26 +118,33 @@ def main() -> None:
         ttft: dict[str, list[float]] = {n: [] for n in names}
         tput: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}  # seconds per request, per block
+        rotated = lambda k: names[k % len(names) :] + names[: k % len(names)]
         for r in range(args.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+            cpu0 = {n: cpu_seconds(procs[n].pid) for n in names}
+            for i in range(args.requests):
+                text = texts[(r * args.requests + i) % len(texts)]
+                for name in rotated(r * args.requests + i):
+                    time.sleep(args.gap)
+                    ttft[name].append(stream(clients[name], text, 8)[0])
+            batch = [texts[(r * 7 + k) % len(texts)] for k in range(args.concurrency * 2)]
+            for name in rotated(r):
                 # vLLM's CPU engine keeps its cores busy for a while after a burst: let the
                 # other server's engine settle before timing this one.
                 time.sleep(args.settle)
                 for t in texts[:2]:
                     stream(clients[name], t, 4)
-                cpu0 = cpu_seconds(procs[name].pid)
-                for i in range(args.requests):
-                    ttft[name].append(stream(clients[name], texts[(r * args.requests + i) % len(texts)], 8)[0])
-                batch = [texts[(r * 7 + k) % len(texts)] for k in range(args.concurrency * 2)]
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     done = list(pool.map(lambda t, c=clients[name]: stream(c, t, args.max_tokens), batch))
                 tput[name].append(sum(d[1] for d in done) / (time.perf_counter() - t0))
-                cpu[name].append((cpu_seconds(procs[name].pid) - cpu0) / (args.requests + len(batch)))
+            for name in names:
+                cpu[name].append((cpu_seconds(procs[name].pid) - cpu0[name]) / (args.requests + len(batch) + 2))
         on, off = statistics.median(ttft["on"]), statistics.median(ttft["off"])
         p95 = lambda v: sorted(v)[int(0.95 * len(v))]
+        paired = statistics.median(a / b for a, b in zip(ttft["on"], ttft["off"], strict=True))
         print(f"TTFT p50: rails on {on:.1f} ms, off {off:.1f} ms, ratio {on / off:.3f}   "
-              f"(p95 {p95(ttft['on']):.1f} vs {p95(ttft['off']):.1f} ms; {len(ttft['on'])} requests each, alternating)")
+              f"(p95 {p95(ttft['on']):.1f} vs {p95(ttft['off']):.1f} ms, ratio {p95(ttft['on']) / p95(ttft['off']):.3f}; "
+              f"{len(ttft['on'])} requests each, taking turns; median of the per-request ratios {paired:.3f})")
         t_on, t_off = statistics.median(tput["on"]), statistics.median(tput["off"])
         print(f"throughput ({args.concurrency} concurrent streams, {args.max_tokens} tokens): rails on {t_on:.1f} tok/s, "
               f"off {t_off:.1f} tok/s, ratio {t_on / t_off:.3f}")
