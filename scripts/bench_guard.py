@@ -117,7 +117,7 @@ def main() -> None:
         names = [n for n, _, _ in servers]
         ttft: dict[str, list[float]] = {n: [] for n in names}
         tput: dict[str, list[float]] = {n: [] for n in names}
-        cpu: dict[str, list[float]] = {n: [] for n in names}  # seconds per request, per block
+        cpu: dict[str, list[float]] = {n: [] for n in names}  # seconds per request, per round
         rotated = lambda k: names[k % len(names) :] + names[: k % len(names)]
         for r in range(args.rounds):
             cpu0 = {n: cpu_seconds(procs[n].pid) for n in names}
