@@ -15,6 +15,7 @@ from typing import Any
 from nemoguardrails.actions import action
 from nemoguardrails.actions.rail_outcome import RailOutcome, TransformTarget
 
+from server.canary import contains
 from server.intents import SENTENCE_BREAK, longest_invisible_run
 from server.telemetry.redaction import mask_pii
 
@@ -200,7 +201,7 @@ async def enclave_system_prompt_leak(text: str | None, config: Any = None, conte
     context = context or {}
     seen = (context.get("output_tail") or "") + (text or "")
     canary = context.get("canary") or ""
-    if canary and canary.lower() in seen.lower():
+    if canary and contains(seen, canary):
         return RailOutcome.block(reason="canary in output")
     system = context.get("system_prompt") or ""
     n = policy(config).shingle_words

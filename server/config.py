@@ -116,8 +116,10 @@ class Settings(BaseSettings):
     # false: every check through NeMo's Colang runtime (the same decisions, slower).
     rails_compiled: bool = True
     # The system-prompt canary the leak rail looks for; empty: a new random one per
-    # process. Pin a secret one where answers must be the same across restarts (evals).
-    rails_canary: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{6,32}$")
+    # process ("enc" and three common words, server/canary.py). Pin a secret one where
+    # answers must be the same across restarts (evals); every token of it is prefill on
+    # every turn, so whole words are cheaper than hex.
+    rails_canary: str | None = Field(None, min_length=6, max_length=48, pattern=r"^[A-Za-z0-9-]+( [A-Za-z0-9-]+)*$")
     # Indexing of vector-store files (server/memory/ingestion.py): files indexed at once by
     # this server, and each file's limits; a file over one fails with a last_error naming it.
     ingest_workers: int = Field(2, ge=1, le=16)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +33,7 @@ import yaml
 from nemoguardrails.rails.llm.options import RailStatus
 from sqlalchemy import delete, insert
 
+from server.canary import new_canary
 from server.db import guard_events
 from server.declines import DeclinePolicy
 from server.engine.base import GenerationParams
@@ -332,7 +332,7 @@ class Guard:
         # the prompt. New per process, so it cannot be learned from an earlier leak,
         # unless the operator pins it: it is part of every prompt, so runs that must
         # give the same answers across restarts (evals) pin it.
-        self.canary = canary or "enc-" + secrets.token_hex(5)
+        self.canary = canary or new_canary()
         refusals = self.config.bot_messages.get("refuse to respond") or ["I'm sorry, but I can't help with that request."]
         self.refusal = refusals[0]
         enclave = (self.config.custom_data or {}).get("enclave") or {}
