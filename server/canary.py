@@ -4,8 +4,9 @@ prompt (`Guard.mark_system_prompt`); an answer that repeats it is leaking the pr
 It is part of every prompt the model reads, so its length is prefill paid on every turn:
 a hex marker ("enc-3f9a1c07d2") is 14 tokens for a BPE tokeniser, one per character, which
 on the CPU default took 5 % of the time to first token. "enc" and three common words are
-6 tokens (each word is one token after a space in the usual vocabularies) and still
-~24 random bits per process: enough that an earlier leak does not teach the next one.
+6 tokens (each word is one token after a space in SmolLM2's vocabulary, as common English
+words are in most BPE vocabularies) and still ~24 random bits per process: enough that an
+earlier leak does not teach the next one.
 """
 
 from __future__ import annotations
