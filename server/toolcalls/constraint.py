@@ -29,9 +29,11 @@ from outlines_core import json_schema as outlines_schema
 from server.errors import InvalidRequestError
 
 WHITESPACE = r"[ ]?"
-# Free text for `auto`: anything that does not open a call array. Leading whitespace is
-# excluded so a call cannot hide behind a newline.
-TEXT = r"[^\[\s][\s\S]*"
+# Free text for `auto`: anything that does not open a call array, nor open a call written
+# as text, which small models do when tools are offered (a bare JSON object, a code fence,
+# `<tool_call>` tags): a client would show it as the answer. Leading whitespace is excluded
+# so a call cannot hide behind a newline.
+TEXT = r"[^\[\s{<`][\s\S]*"
 _PLACEHOLDER = "ENCLAVERANGE{}"
 
 # Depth-limited "any JSON object" (response_format json_object, open tool parameters):

@@ -120,8 +120,13 @@ class _StepParsers:
         return TurnEvent(Kind.CALL, i, call=self.shown[i][k], call_id=call.id, name=call.name)
 
     def finish(self, i: int, reason: str) -> TurnEvent:
-        if self.constrained and self.parsers[i].is_calls and reason == "stop":
+        parser = self.parsers[i]
+        if self.constrained and parser.is_calls and reason == "stop":
             reason = "tool_calls" if self.shown[i] else "stop"
+        elif self.constrained and parser.is_calls and reason == "length" and self.shown[i] and all(parser.calls[k].complete for k in self.shown[i]):
+            # Cut while writing one more call, which was never shown: the calls the
+            # client got are whole, and are what it should run.
+            reason = "tool_calls"
         self.done[i] = True
         return TurnEvent.finish(i, reason)
 

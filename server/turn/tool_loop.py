@@ -68,6 +68,7 @@ class ToolLoop:
         if ran:
             first_choice = "none"  # a confirmed action ran: let the model report its result
         seen: set[tuple[str, str]] = set()  # calls already run this turn
+        done: set[str] = set()  # tools that did their work this turn
         repeating = False
         for step in range(self.max_steps):
             if step > 0 or first_choice != turn.step.tool_choice:
@@ -84,15 +85,28 @@ class ToolLoop:
                     yield ev
             assert finish is not None
             parser = held[0]
-            calls = parser.finished_calls() if parser.is_calls and finish.text in ("stop", "tool_calls") else []
+            # Cut by max_tokens, the calls completed before the cut still stand (a small
+            # model repeats a call until it runs out): only the unfinished one is dropped.
+            calls = parser.finished_calls() if parser.is_calls and finish.text in ("stop", "tool_calls", "length") else []
             server_calls = [c for c in calls if c.name in server]
             if not server_calls:
                 yield finish
                 return
+            # A tool that is not idempotent (a hand-off, a message sent) does its work once
+            # a turn: a small model calls it again, worded differently, after seeing it done.
+            fresh = [
+                c for i, c in enumerate(server_calls) if not self._once_only(c.name) or (c.name not in done and all(d.name != c.name for d in server_calls[:i]))
+            ]
+            if not fresh and len(server_calls) == len(calls):
+                repeating = True  # nothing new to run: the model answers now
+                continue
+            calls = [c for c in calls if c.name not in server or c in fresh]
+            server_calls = fresh
             signatures = {(c.name, canonical_arguments(c.arguments)) for c in server_calls}
             repeating = signatures <= seen
             seen |= signatures
             pending = await self._run(turn, calls, server_calls)
+            done |= {r.name for r in turn.report.server_calls if r.status in ("ok", "pending_confirmation")}
             if len(server_calls) < len(calls):  # the client has calls of its own to run
                 yield dataclasses.replace(finish, text="tool_calls")
                 return
@@ -101,6 +115,10 @@ class ToolLoop:
                 for ev in _said(Confirmation(pending).text()):
                     yield ev
                 return
+
+    def _once_only(self, name: str) -> bool:
+        tool = self.executor.registry.tools.get(name)
+        return tool is not None and not tool.idempotent
 
     async def _run(self, turn: Turn, calls: list[Any], server_calls: list[Any]) -> list[dict[str, Any]]:
         """Run the server calls and show the model their results; returns the actions
