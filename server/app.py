@@ -77,6 +77,7 @@ from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
 from server.toolcalls.precompile import precompile
 from server.toolcalls.registry import Registry
+from server.toolcalls.shortlist import Shortlister, ShortlistPolicy
 from server.turn.pipeline import ChatServing
 
 log = logging.getLogger("enclave")
@@ -110,6 +111,8 @@ class Runtime:
         self.executor = executor
         self.memory = memory
         self.guard = guard
+        # One for every model's serving: the tools' embeddings are kept across turns.
+        self.shortlister = Shortlister(self.embedder_handle, ShortlistPolicy(size=settings.tool_shortlist)) if settings.tool_shortlist > 0 else None
         self.started = int(time.time())
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None
@@ -231,6 +234,8 @@ class Runtime:
             self.guard,
             self.tracing,
             accounting,
+            self.shortlister,
+            self.settings.tool_grounding,
         )
 
     def require_chat(self) -> ChatServing:

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     constraint_cache_mb: int = Field(1024, ge=0)
     # Model → tool → observation rounds per turn before the model must answer.
     max_tool_steps: int = Field(5, ge=1, le=20)
+    # Tools offered to the model per turn (`auto`/`required`), ranked against the user's
+    # message by the embedding model (server/toolcalls/shortlist.py); 0 offers every tool.
+    tool_shortlist: int = Field(2, ge=0, le=64)
+    # Identifiers, numbers and enum members of tool arguments constrained to the values
+    # written in the conversation, where some fit (server/toolcalls/grounding.py).
+    tool_grounding: bool = True
     # How long a destructive action waits for confirmation before it expires.
     action_ttl_s: float = Field(900.0, gt=0)
     # Chroma server (http://host:port) shared by replicas; empty: embedded, in <data_dir>/chroma.

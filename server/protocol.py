@@ -342,6 +342,10 @@ class ChatCompletion(BaseModel):
     # entry's id, similarity, when it was kept) or was generated ("miss", with the id it
     # was kept under); null when the cache was not used for the turn.
     cache: dict[str, Any] | None = None
+    # --- extensions: tool choice ---
+    # The tools the server ranked for this turn (name and score, best first) and which it
+    # offered the model (server/toolcalls/shortlist.py); null when it offered them all.
+    tool_shortlist: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

@@ -69,6 +69,9 @@ class Tool:
     # Arguments of typical calls: they document the tool, and the isolation check
     # (server/toolcalls/isolation.py) runs the tool with them.
     examples: list[dict[str, Any]] = field(default_factory=list)
+    # Requests a user would make of it, in their words: the shortlist ranks tools by them
+    # beside the description (server/toolcalls/shortlist.py).
+    asks: list[str] = field(default_factory=list)
     data: PackData | None = None  # the pack's per-tenant databases
 
     @property
@@ -136,6 +139,7 @@ def tool(
     confirm: str | None = None,
     precheck: Callable[..., Any] | None = None,
     examples: list[dict[str, Any]] | None = None,
+    asks: list[str] | None = None,
 ):
     """Mark a function as a tool. Read-only tools are idempotent (and so retried on
     failure when `retries` > 0) unless told otherwise; destructive ones never are."""
@@ -179,6 +183,7 @@ def tool(
             confirm=confirm,
             precheck=precheck,
             examples=list(examples or []),
+            asks=list(asks or []),
         )
 
     return wrap(fn) if fn is not None else wrap

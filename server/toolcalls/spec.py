@@ -24,6 +24,7 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]
     server: bool = False
+    asks: tuple[str, ...] = ()  # example requests it answers (packs declare them): for the shortlist
 
 
 @dataclass
@@ -101,7 +102,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
                         param=f"tools[{i}]",
                         code="tool_not_permitted",
                     )
-                specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=True))
+                specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=True, asks=tuple(tool.asks)))
         else:
             raise InvalidRequestError(f"tools[{i}].type must be 'function' or 'server', not {kind!r}", param=f"tools[{i}].type")
     seen: set[str] = set()

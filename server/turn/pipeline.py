@@ -1,7 +1,7 @@
 """One model's turn pipeline: the stages, wired once, and the order they run in.
 
     prepare:  plan tools → input gate (rails; alongside generation when safe)
-              → context (stateful turns) → prompt
+              → context (stateful turns) → tool shortlist → prompt
     run:      [gated] → [cache hit |] generation [→ decline retry] | tool loop → output guard
               [→ cache store]
               → audit (guard ledger) → persist (stateful) → settle (turn ledger)
@@ -28,6 +28,8 @@ from server.telemetry.cost import Accounting
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import Tracing
 from server.toolcalls.executor import Executor
+from server.toolcalls.grounding import conversation_text
+from server.toolcalls.shortlist import Shortlister
 from server.toolcalls.spec import ToolPlan, plan_tools
 from server.turn.cache_stage import CacheStage
 from server.turn.context import ContextStage
@@ -69,6 +71,8 @@ class ChatServing:
         guard: Guard | None = None,
         tracing: Tracing | None = None,
         accounting: Accounting | None = None,
+        shortlister: Shortlister | None = None,
+        grounding: bool = False,
     ):
         self.engine = engine
         self.metrics = metrics
@@ -81,7 +85,8 @@ class ChatServing:
         self.accounting = accounting
         self.model = engine.served_model
         self.ledgers = LedgerServices(self.model, metrics, tracing, accounting)
-        self.prompt = Prompt(engine, guard)
+        self.shortlister = shortlister
+        self.prompt = Prompt(engine, guard, grounding)
         self.generation = Generation(engine, metrics)
         self.input_gate = InputGate(guard, engine) if guard is not None else None
         self.output_guard = OutputGuard(guard) if guard is not None and guard.has("output") else None
@@ -125,10 +130,25 @@ class ChatServing:
     async def _gate(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return await self.input_gate.check(turn, messages) if self.input_gate is not None else messages
 
+    async def _shortlist(self, turn: Turn) -> None:
+        """Offer the model only the tools that fit the user's message (auto, required)."""
+        plan = turn.req.plan
+        if self.shortlister is None or plan is None or turn.report.refusal is not None or not self.shortlister.applies(plan.tools, plan.choice):
+            return
+        messages = turn.step.messages
+        offered, ranked = await self.shortlister.shortlist(plan.tools, messages, conversation_text(messages))
+        if ranked:
+            turn.offered = offered
+            turn.report.shortlist = {
+                "offered": [t.name for t in offered],
+                "ranked": [{"name": r.tool.name, "score": round(r.score, 3)} for r in ranked],
+            }
+
     async def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal) -> Turn:
         """A stateless turn: the request's messages are the whole context."""
         turn = self._new_turn(request, started, principal)
         turn.step.messages = await self._gate(turn, request.chat_messages())
+        await self._shortlist(turn)
         self.prompt.render(turn, turn.req.plan.choice if turn.req.plan else "none")
         return turn
 
@@ -149,6 +169,7 @@ class ChatServing:
             self.context_stage.refuse(turn)
         else:
             await self.context_stage.assemble(turn)
+        await self._shortlist(turn)
         self.prompt.render(turn, self._first_choice(turn))
         return turn
 
@@ -240,6 +261,8 @@ class ChatServing:
             out["routing"] = report.route.public()
         if report.cache is not None:
             out["cache"] = report.cache
+        if report.shortlist is not None:
+            out["tool_shortlist"] = report.shortlist
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

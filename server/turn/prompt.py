@@ -8,25 +8,35 @@ import dataclasses
 from server.engine.base import Engine
 from server.errors import EnclaveError, EngineError, InvalidRequestError
 from server.guard import Guard
+from server.toolcalls.budget import fit
 from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.format import with_tools_prompt
+from server.toolcalls.grounding import conversation_text, ground
 from server.turn.state import Progress, Turn
 
 
 class Prompt:
-    def __init__(self, engine: Engine, guard: Guard | None):
+    def __init__(self, engine: Engine, guard: Guard | None, grounding: bool = False):
+        """`grounding`: tool arguments constrained to values of the conversation."""
         self.engine = engine
         self.guard = guard
+        self.grounding = grounding
 
     def render(self, turn: Turn, choice: str) -> None:
         """Prompt and parameters for the next generation step under `choice`."""
         plan, step = turn.req.plan, turn.step
+        if plan is not None and turn.offered is not None and choice in ("auto", "required"):
+            plan = dataclasses.replace(plan, tools=turn.offered)  # the shortlist, in the prompt too
         messages = self.guard.mark_system_prompt(step.messages) if self.guard is not None else step.messages
         prompt = self.engine.render_chat(with_tools_prompt(messages, plan, choice))
         params = turn.req.request.to_generation_params(len(prompt), self.engine.max_model_len)
         if plan is not None and choice != "none":
             tools = plan.tools if choice in ("auto", "required") else [plan.by_name[choice]]
-            constraint = build_constraint([(t.name, t.parameters) for t in tools], allow_text=choice == "auto", parallel=plan.parallel)
+            said = conversation_text(step.messages) if self.grounding else ""
+            # Each call: its arguments grounded in what was said, its free text sized to
+            # close within max_tokens.
+            schemas = [(t.name, fit(t.name, ground(t.parameters, said), params.max_tokens, self.engine.count_tokens)) for t in tools]
+            constraint = build_constraint(schemas, allow_text=choice == "auto", parallel=plan.parallel)
             params = dataclasses.replace(params, regex=constraint.regex, json_schema=None)
         elif plan is not None and params.json_schema is None:
             # "none" with calls in the history: small models imitate them as text; the

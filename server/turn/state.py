@@ -16,7 +16,7 @@ from server.auth import Principal
 from server.engine.base import GenerationParams
 from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest
-from server.toolcalls.spec import ToolPlan
+from server.toolcalls.spec import ToolPlan, ToolSpec
 
 if TYPE_CHECKING:
     from server.guard import Verdict
@@ -56,6 +56,7 @@ class Report:
     refusal: Verdict | None = None  # the input rails' verdict when they refused
     route: Decision | None = None  # where the router sent a turn asked for by alias
     cache: dict[str, Any] | None = None  # the response cache's part (cache_stage.py)
+    shortlist: dict[str, Any] | None = None  # the tools ranked and offered (tool choice stage)
 
 
 @dataclass
@@ -67,6 +68,9 @@ class Turn:
     context: ContextRequest | None = None  # a stateful turn's
     ledger: TurnLedger | None = None  # set by the dispatcher once admitted
     gate: PendingGate | None = None  # input rails still deciding while generation starts
+    # The tools offered to the model under `auto`/`required` when the server shortlisted
+    # them; None: the plan's own.
+    offered: list[ToolSpec] | None = None
     # Engine request ids of a turn restarted by its input rails get a new suffix: the
     # dropped generation's abort must never reach the one that replaces it.
     attempt: int = 0

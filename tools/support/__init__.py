@@ -68,7 +68,13 @@ def _euros(cents: int) -> float:
     return round(cents / 100, 2)
 
 
-@tool(rate_limit="30/minute", retries=1, timeout=5, examples=[{"ticket_id": "T-1001"}])
+@tool(
+    rate_limit="30/minute",
+    retries=1,
+    timeout=5,
+    examples=[{"ticket_id": "T-1001"}],
+    asks=["What is going on with my ticket?", "Is my support case solved yet?", "Give me an update on my request."],
+)
 def lookup_ticket(ctx: ToolContext, ticket_id: TicketId) -> dict[str, Any]:
     """Look up one of the customer's support tickets by id (subject, status, details, related order)."""
     with _db(ctx) as conn:
@@ -78,7 +84,13 @@ def lookup_ticket(ctx: ToolContext, ticket_id: TicketId) -> dict[str, Any]:
     return {k: row[k] for k in ("id", "subject", "status", "order_id", "body", "opened_on")}
 
 
-@tool(rate_limit="30/minute", retries=1, timeout=5, examples=[{}])
+@tool(
+    rate_limit="30/minute",
+    retries=1,
+    timeout=5,
+    examples=[{}],
+    asks=["What plan do I have?", "Is my subscription active or cancelled?", "When is my next renewal and what does it cost?"],
+)
 def check_subscription_status(ctx: ToolContext) -> dict[str, Any]:
     """Check the customer's subscription: plan, status (active, past_due, cancelled), renewal date and price."""
     with _db(ctx) as conn:
@@ -114,6 +126,7 @@ def _precheck_refund(ctx: ToolContext, order_id: str, amount: float, reason: str
     confirm="refund {amount:.2f} EUR on order {order_id} (reason: {reason})",
     precheck=_precheck_refund,
     examples=[{"order_id": "ORD-5002", "amount": 20.28, "reason": "damaged"}],
+    asks=["I want my money back for this order.", "Please refund me, the item arrived broken.", "I paid twice, give me a refund."],
 )
 def create_refund(ctx: ToolContext, order_id: OrderId, amount: Annotated[float, Field(gt=0, le=10000, description="EUR")], reason: RefundReason) -> dict[str, Any]:
     """Refund part or all of one of the customer's orders to the original payment method."""
@@ -144,7 +157,13 @@ def _conversation_summary(messages: list[dict[str, Any]], limit: int = 600) -> s
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-@tool(rate_limit="5/minute", timeout=5, idempotent=False, examples=[{"reason": "the customer asks for a person"}])
+@tool(
+    rate_limit="5/minute",
+    timeout=5,
+    idempotent=False,
+    examples=[{"reason": "the customer asks for a person"}],
+    asks=["I want to speak to a human.", "Escalate this to a person.", "Let someone from your team handle this."],
+)
 def handoff_to_agent(ctx: ToolContext, reason: Annotated[str, Field(min_length=3, max_length=120)]) -> dict[str, Any]:
     """Hand the conversation over to a human support agent, with the reason; use it when you cannot help."""
     summary = _conversation_summary(ctx.messages)

@@ -1,0 +1,76 @@
+"""Tool choice on the default small model, through the official client: the server ranks
+the tools against the request and offers the model the few that fit, grounds
+identifiers and amounts in what the user wrote, sizes calls to max_tokens, and never
+returns a call written as text as the answer."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+SUPPORT = [{"type": "server", "name": "support"}]
+
+# Worded unlike the eval set and the development split (evals/), one per support tool.
+REQUESTS = [
+    ("Could you tell me whether my subscription is still running?", "check_subscription_status", {}),
+    ("Please look into ticket T-1002 and tell me where it stands.", "lookup_ticket", {"ticket_id": "T-1002"}),
+    ("The order ORD-5002 came damaged; I want 12.5 EUR refunded.", "create_refund", {"order_id": "ORD-5002", "amount": 12.5, "reason": "damaged"}),
+    ("I would like a person from your team to take this over.", "handoff_to_agent", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def support(live_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_server.base_url, api_key=live_server.keys["support"], max_retries=0, timeout=180)
+
+
+@pytest.mark.parametrize("message,tool,arguments", REQUESTS, ids=[r[1] for r in REQUESTS])
+def test_the_tool_that_fits_is_called_with_the_values_the_user_wrote(support, message, tool, arguments):
+    out = support.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": message}], tools=SUPPORT, tool_choice="required", temperature=0, max_tokens=80
+    )
+    extra = out.model_extra
+    assert extra["tool_shortlist"]["ranked"][0]["name"] == tool and tool in extra["tool_shortlist"]["offered"]
+    first = extra["server_tool_calls"][0]
+    assert first["name"] == tool
+    got = json.loads(first["arguments"])
+    assert {k: got.get(k) for k in arguments} == arguments
+
+
+FREE_TEXT = {
+    "type": "object",
+    "properties": {"summary": {"type": "string"}, "priority": {"enum": ["low", "high"]}},
+    "required": ["summary", "priority"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64])
+def test_a_call_with_free_text_closes_within_max_tokens(client, max_tokens):
+    """An unbounded string used to run until max_tokens cut it, as unterminated JSON."""
+    tools = [{"type": "function", "function": {"name": "file_report", "description": "File a detailed incident report.", "parameters": FREE_TEXT}}]
+    out = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Write a long, detailed incident report about everything that went wrong with my broken dock, in full."}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "file_report"}},
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert out.usage.completion_tokens <= max_tokens
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), FREE_TEXT)
+
+
+def test_no_call_written_as_text_comes_back_as_the_answer(support):
+    """Under `auto` the model may answer in prose, but a JSON object, a code fence or
+    <tool_call> tags as the answer would be a call the client never sees as one."""
+    for message in ("Check my plan and ticket T-1001.", "Give me the JSON for a refund of 10 EUR on ORD-5002.", "Call the tool for my subscription."):
+        out = support.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": message}], tools=SUPPORT, temperature=0, max_tokens=60)
+        content = (out.choices[0].message.content or "").lstrip()
+        assert not content.startswith(("{", "[", "```", "<tool_call>")), content
