@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from server.toolcalls.constraint import check_patterns
+
 # At most this many candidates per parameter: beyond that the conversation is a document
 # pasted in, or the pattern fits any word, and the parameter is left free.
 MAX_CANDIDATES = 12
@@ -60,10 +62,16 @@ def _distinct(values: list[Any]) -> list[Any]:
 
 
 def _pattern_values(node: dict[str, Any], text: str) -> list[str]:
+    try:
+        # A client's pattern runs over the conversation here, before the constraint is
+        # built: the same checks first, so no pattern can backtrack for ever.
+        check_patterns(node)
+        full = re.compile(node["pattern"])
+    except (ValueError, re.error):
+        return []  # the constraint refuses it with a 400 that names the tool
     found = _unanchored(node["pattern"])
     if found is None:
         return []
-    full = re.compile(node["pattern"])
     lo, hi = node.get("minLength", 0), node.get("maxLength")
     spans = [m.group() for m in found.finditer(text)]
     return _distinct([s for s in spans if full.search(s) and len(s) >= lo and (hi is None or len(s) <= hi) and '"' not in s and "\\" not in s])

@@ -12,6 +12,7 @@ dispatcher (server/turn/dispatch.py) admits the turn, routes it and calls `prepa
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from server.turn.output_guard import OutputGuard
 from server.turn.prompt import Prompt
 from server.turn.state import Progress, Turn, TurnRequest
 from server.turn.tool_loop import ToolLoop
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,7 +139,11 @@ class ChatServing:
         if self.shortlister is None or plan is None or turn.report.refusal is not None or not self.shortlister.applies(plan.tools, plan.choice):
             return
         messages = turn.step.messages
-        offered, ranked = await self.shortlister.shortlist(plan.tools, messages, conversation_text(messages))
+        try:
+            offered, ranked = await self.shortlister.shortlist(plan.tools, messages, conversation_text(messages))
+        except Exception:  # the embedding failed: every tool is offered, as without a shortlist
+            log.warning("tool shortlist failed; offering every tool", exc_info=True)
+            return
         if ranked:
             turn.offered = offered
             turn.report.shortlist = {

@@ -66,6 +66,12 @@ def test_nothing_fits_or_too_much_fits_leaves_the_schema_alone():
     assert "enum" not in ground(TICKET, many)["properties"]["ticket_id"]
 
 
+def test_a_pattern_that_could_backtrack_for_ever_is_never_run_over_the_conversation():
+    evil = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}}}
+    assert ground(evil, "a" * 5000 + "!") is evil  # refused before any search; the constraint names it in a 400
+    assert candidates({"type": "string", "pattern": "(unclosed"}, "text") == []
+
+
 def test_grounded_constraint_only_accepts_said_values():
     said = conversation_text([{"role": "system", "content": "ORD-9999"}, {"role": "user", "content": "Refund 15 EUR on ORD-5002, damaged"}])
     pattern = regex.compile(build_constraint([("create_refund", ground(REFUND, said))], allow_text=False, parallel=False).regex)
