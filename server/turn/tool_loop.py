@@ -68,7 +68,6 @@ class ToolLoop:
         if ran:
             first_choice = "none"  # a confirmed action ran: let the model report its result
         seen: set[tuple[str, str]] = set()  # calls already run this turn
-        done: set[str] = set()  # tools that did their work this turn
         repeating = False
         for step in range(self.max_steps):
             if step > 0 or first_choice != turn.step.tool_choice:
@@ -92,11 +91,7 @@ class ToolLoop:
             if not server_calls:
                 yield finish
                 return
-            # A tool that is not idempotent (a hand-off, a message sent) does its work once
-            # a turn: a small model calls it again, worded differently, after seeing it done.
-            fresh = [
-                c for i, c in enumerate(server_calls) if not self._once_only(c.name) or (c.name not in done and all(d.name != c.name for d in server_calls[:i]))
-            ]
+            fresh = self._may_run(turn, server_calls)
             if not fresh and len(server_calls) == len(calls):
                 repeating = True  # nothing new to run: the model answers now
                 continue
@@ -106,7 +101,6 @@ class ToolLoop:
             repeating = signatures <= seen
             seen |= signatures
             pending = await self._run(turn, calls, server_calls)
-            done |= {r.name for r in turn.report.server_calls if r.status in ("ok", "pending_confirmation")}
             if len(server_calls) < len(calls):  # the client has calls of its own to run
                 yield dataclasses.replace(finish, text="tool_calls")
                 return
@@ -116,9 +110,20 @@ class ToolLoop:
                     yield ev
                 return
 
-    def _once_only(self, name: str) -> bool:
-        tool = self.executor.registry.tools.get(name)
-        return tool is not None and not tool.idempotent
+    def _may_run(self, turn: Turn, calls: list[Any]) -> list[Any]:
+        """The calls that may run. A tool that is not idempotent (a hand-off, a message
+        sent) does its work once a turn: a small model calls it again, worded
+        differently, after seeing it done."""
+        done = {r.name for r in turn.report.server_calls if r.status in ("ok", "pending_confirmation")}
+        out = []
+        for call in calls:
+            tool = self.executor.registry.tools.get(call.name)
+            if tool is not None and not tool.idempotent:
+                if call.name in done:
+                    continue
+                done.add(call.name)
+            out.append(call)
+        return out
 
     async def _run(self, turn: Turn, calls: list[Any], server_calls: list[Any]) -> list[dict[str, Any]]:
         """Run the server calls and show the model their results; returns the actions
