@@ -23,7 +23,12 @@ class OutputGuard:
         self.window = window or guard.output_window
 
     async def events(self, turn: Turn, events: AsyncIterator[TurnEvent]) -> AsyncIterator[TurnEvent]:
-        system = next((m["content"] for m in turn.step.messages if m["role"] == "system"), "")
+        # What a leak would reveal: the instructions. A stateful turn's system message also
+        # holds its sources and the user's own memories, which an answer is meant to quote.
+        if turn.context is not None:
+            system = turn.context.instructions
+        else:
+            system = next((m["content"] for m in turn.step.messages if m["role"] == "system"), "")
         windows: dict[int, OutputWindow] = {}
 
         def stopped(i: int) -> bool:

@@ -27,6 +27,7 @@ from server.engine.scripted import ScriptedEngine
 from server.forgetting import forget_user
 from server.guard import GuardEvent, Stage, Status, Verdict
 from server.ids import PREFIXES, new_id
+from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest
 from server.telemetry.cost import Accounting, Charge
 from server.telemetry.metrics import Metrics
@@ -193,6 +194,33 @@ def test_the_output_guard_takes_any_window_and_ends_a_blocked_choice():
     turn, out = asyncio.run(run())
     assert [(e.kind, e.text) for e in out] == [(Kind.TEXT, "Fine."), (Kind.TEXT, " You"), (Kind.TEXT, "\n\n[withheld]"), (Kind.FINISH, "content_filter")]
     assert [e.rail for e in turn.guards.all()] == ["test window"]
+
+
+def test_a_stateful_turns_leak_check_guards_its_instructions_not_its_sources():
+    """The system message of a stateful turn also holds its sources and the user's own
+    memories, which an answer quotes on purpose; only the instructions can leak."""
+    seen: list[str] = []
+
+    class _Guard:
+        def output_window(self, system_prompt: str):
+            seen.append(system_prompt)
+            return _Window(system_prompt)
+
+    async def events():
+        yield TurnEvent(Kind.TEXT, 0, "Refunds take 5 days. [1]")
+        yield TurnEvent.finish(0, "stop")
+
+    async def run(turn):
+        return [e async for e in OutputGuard(_Guard()).events(turn, events())]  # type: ignore[arg-type]
+
+    stateless = _turn()
+    stateless.step.messages = [{"role": "system", "content": "Be brief.\n\nSources: [1] Refunds take 5 days."}, {"role": "user", "content": "hi"}]
+    stateful = _turn()
+    stateful.step.messages = stateless.step.messages
+    stateful.context = ContextRequest("Be brief.", [{"role": "user", "content": "hi"}])
+    asyncio.run(run(stateless))
+    asyncio.run(run(stateful))
+    assert seen == ["Be brief.\n\nSources: [1] Refunds take 5 days.", "Be brief."]
 
 
 # ------------------------------------------------------------------ guard ledger
