@@ -163,6 +163,8 @@ class Server:
             "completion_tokens": usage.get("completion_tokens", 0),
             "cost_usd": (data.get("cost") or {}).get("usd"),
             "trace_id": r.headers.get("x-trace-id"),
+            # What the answer was chosen from, when the server built it from evidence.
+            "source_answer": data.get("source_answer"),
         }
 
 

@@ -79,6 +79,7 @@ from server.toolcalls.precompile import precompile
 from server.toolcalls.registry import Registry
 from server.toolcalls.shortlist import Shortlister, ShortlistPolicy
 from server.turn.pipeline import ChatServing
+from server.turn.source_answer import source_answers_on
 
 log = logging.getLogger("enclave")
 
@@ -236,6 +237,7 @@ class Runtime:
             accounting,
             self.shortlister,
             self.settings.tool_grounding,
+            (self.embedder_handle, self.settings.source_answer_policy) if source_answers_on(self.settings.source_answers, profile and profile.tier) else None,
         )
 
     def require_chat(self) -> ChatServing:

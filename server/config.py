@@ -38,6 +38,17 @@ class ResponseCacheConfig(BaseModel):
     ttl_s: float = Field(24 * 3600.0, gt=0)
 
 
+class SourceAnswerPolicy(BaseModel):
+    """How an answer is chosen from the turn's evidence (server/turn/source_answer.py);
+    the defaults were chosen on the development questions (scripts/tune_source_answers.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidates: int = Field(3, ge=1, le=9)  # best-ranked sentences the model chooses among
+    min_similarity: float = Field(0.40, ge=-1.0, le=1.0)  # the best sentence's cosine to the question, at least
+    model_weight: float = Field(0.0, ge=0.0)  # added to a candidate's cosine: weight x the model's P(it); 0: no model step
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENCLAVE_", extra="forbid")
 
@@ -103,6 +114,11 @@ class Settings(BaseSettings):
     # Identifiers, numbers and enum members of tool arguments constrained to the values
     # written in the conversation, where some fit (server/toolcalls/grounding.py).
     tool_grounding: bool = True
+    # Answers built from the turn's evidence: a sentence of its knowledge sources, cited,
+    # or the user's own earlier words (server/turn/source_answer.py). "auto": for models of
+    # the `small` tier; "off": the model always answers in its own words.
+    source_answers: Literal["auto", "on", "off"] = "auto"
+    source_answer_policy: SourceAnswerPolicy = Field(default_factory=lambda: SourceAnswerPolicy())
     # How long a destructive action waits for confirmation before it expires.
     action_ttl_s: float = Field(900.0, gt=0)
     # Chroma server (http://host:port) shared by replicas; empty: embedded, in <data_dir>/chroma.

@@ -346,6 +346,11 @@ class ChatCompletion(BaseModel):
     # The tools the server ranked for this turn (name and score, best first) and which it
     # offered the model (server/toolcalls/shortlist.py); null when it offered them all.
     tool_shortlist: dict[str, Any] | None = None
+    # --- extensions: answers from evidence ---
+    # The sentences the answer was chosen among (text, source number or "user",
+    # similarity, the model's probability when it chose), which was chosen, and whether
+    # the answer was built from one (server/turn/source_answer.py); null when not tried.
+    source_answer: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

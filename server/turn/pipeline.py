@@ -2,7 +2,8 @@
 
     prepare:  plan tools → input gate (rails; alongside generation when safe)
               → context (stateful turns) → tool shortlist → prompt
-    run:      [gated] → [cache hit |] generation [→ decline retry] | tool loop → output guard
+    run:      [gated] → [cache hit |] [answer from sources |] generation [→ decline retry]
+              | tool loop → output guard
               [→ cache store]
               → audit (guard ledger) → persist (stateful) → settle (turn ledger)
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.auth import Principal
+from server.config import SourceAnswerPolicy
 from server.engine.base import Engine
 from server.errors import InvalidRequestError, ModelNotFoundError
 from server.guard import Guard
@@ -42,6 +44,7 @@ from server.turn.input_gate import InputGate
 from server.turn.ledger import LedgerServices
 from server.turn.output_guard import OutputGuard
 from server.turn.prompt import Prompt
+from server.turn.source_answer import SourceAnswer
 from server.turn.state import Progress, Turn, TurnRequest
 from server.turn.tool_loop import ToolLoop
 
@@ -76,7 +79,10 @@ class ChatServing:
         accounting: Accounting | None = None,
         shortlister: Shortlister | None = None,
         grounding: bool = False,
+        source_answers: tuple[Any, SourceAnswerPolicy] | None = None,
     ):
+        """`source_answers`: (the embedder's handle, the policy) when answers are built
+        from the turn's evidence (server/turn/source_answer.py); None: free answers."""
         self.engine = engine
         self.metrics = metrics
         self.served_names = served_names
@@ -94,6 +100,7 @@ class ChatServing:
         self.input_gate = InputGate(guard, engine) if guard is not None else None
         self.output_guard = OutputGuard(guard) if guard is not None and guard.has("output") else None
         self.decline_retry = DeclineRetry(guard, guard.declines, self.generation, metrics) if guard is not None and guard.declines is not None else None
+        self.source_answer = SourceAnswer(source_answers[0], engine, self.generation, source_answers[1]) if source_answers is not None else None
         self.tool_loop = ToolLoop(executor, self.generation, self.prompt, guard, max_tool_steps) if executor is not None else None
         self.context_stage = ContextStage(memory, engine) if memory is not None else None
         cache = memory.cache if memory is not None else None
@@ -209,15 +216,21 @@ class ChatServing:
         """The answer generated: by the model, through the rails on its output."""
         plan = turn.req.plan
         if plan is None or not plan.has_server_tools or self.tool_loop is None:
-            if self.decline_retry is not None and self.decline_retry.applies(turn):
-                events = self.decline_retry.events(turn, progress)  # starts the generation
+            if self.source_answer is not None and self.source_answer.applies(turn):
+                events = self.source_answer.events(turn, progress, lambda: self._answer(turn, progress))
             else:
-                events = self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
+                events = self._answer(turn, progress)
         else:
             events = self.tool_loop.events(turn, progress)
         if self.output_guard is not None:
             events = self.output_guard.events(turn, events)
         return events
+
+    def _answer(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
+        """The model's own answer (a decline in its opening retried)."""
+        if self.decline_retry is not None and self.decline_retry.applies(turn):
+            return self.decline_retry.events(turn, progress)  # starts the generation
+        return self.generation.step_events(turn, progress, turn.engine_request_id, server=set())
 
     async def _events(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
         stored = Choice() if turn.context is not None else None
@@ -270,6 +283,8 @@ class ChatServing:
             out["cache"] = report.cache
         if report.shortlist is not None:
             out["tool_shortlist"] = report.shortlist
+        if report.source_answer is not None:
+            out["source_answer"] = report.source_answer
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

@@ -57,6 +57,7 @@ class Report:
     route: Decision | None = None  # where the router sent a turn asked for by alias
     cache: dict[str, Any] | None = None  # the response cache's part (cache_stage.py)
     shortlist: dict[str, Any] | None = None  # the tools ranked and offered (tool choice stage)
+    source_answer: dict[str, Any] | None = None  # the evidence ranked and chosen (source answer stage)
 
 
 @dataclass

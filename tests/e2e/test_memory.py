@@ -13,7 +13,13 @@ import openai
 import pytest
 
 from tests.e2e.conftest import LiveServer, create_key, start, stop
-from tests.e2e.handbook import QUESTIONS, write_handbook
+from tests.e2e.handbook import (
+    QUESTIONS,
+    REFUNDS_MD,
+    SECURITY_TXT,
+    SHIPPING_HTML,
+    write_handbook,
+)
 
 MODEL = "smollm2-135m-instruct"
 DOG_FACT = "Please deliver my parcels to my dog Biscuit's kennel."  # in the support scope
@@ -224,6 +230,40 @@ def test_file_search_grounds_and_cites_the_answer(live_server, client, state):
     key = create_key(live_server.data_dir, "--tenant", "acme", "--user", "kiosk", "--scope", "chat", "--vector-store", store)
     chat = client_for(live_server, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "How do I reset my password?"}], max_tokens=40, temperature=0)
     assert chat.model_extra["citations"][0]["filename"] == "security.txt"
+
+
+def test_answers_are_built_from_the_sources_and_the_users_own_words(live_server, client, state):
+    """Source answers (the default for the small tier): the answer is a sentence of the
+    evidence, cited or quoted, never the 135M model's own paraphrase of a policy."""
+    handbook = " ".join(text for text in (REFUNDS_MD, SHIPPING_HTML, SECURITY_TXT))
+    body = {"vector_store_ids": [state["store"]]}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "How long until an approved refund arrives?"}], max_tokens=48, temperature=0, extra_body=body
+    )
+    answer = reply.choices[0].message.content
+    report = reply.model_extra["source_answer"]
+    chosen = report["candidates"][report["chosen"]]
+    assert report["answered"] and answer == f"{chosen['text']} [{chosen['source']}]"
+    assert "21 days" in answer and " ".join(chosen["text"].split()[:4]) in " ".join(handbook.split())  # a sentence of the source, as written
+    assert reply.model_extra["citations"][chosen["source"] - 1]["filename"] == "refunds.md"
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens <= 1
+    # Streamed, the same answer.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "How long until an approved refund arrives?"}], max_tokens=48, temperature=0, stream=True, extra_body=body
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answer
+    # A question no sentence is close to: the model answers in its own words.
+    free = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Do you offer a student discount?"}], max_tokens=12, temperature=0, extra_body=body)
+    assert free.model_extra["source_answer"]["answered"] is False and free.usage.completion_tokens > 1
+    # In a conversation: what the user said earlier, quoted back.
+    frank = client_for(live_server, "frank")
+    frank.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "My dock is the silver model with serial SN-4471."}], max_tokens=8, temperature=0, extra_body={"conversation": "dock"}
+    )
+    asked = frank.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the serial number of my dock?"}], max_tokens=32, temperature=0, extra_body={"conversation": "dock"}
+    )
+    assert asked.choices[0].message.content == "You told me earlier: \u201cMy dock is the silver model with serial SN-4471.\u201d"
 
 
 def test_stores_are_isolated_per_tenant(live_server, state):
