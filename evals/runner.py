@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=os.environ.get("ENCLAVE_URL", "http://127.0.0.1:8000/v1"), help="server base URL (ENCLAVE_URL)")
     p.add_argument("--api-key", default=os.environ.get("ENCLAVE_API_KEY"), help="API key (ENCLAVE_API_KEY); needs chat, tools:support and files scopes")
     p.add_argument("--model", help="model to evaluate (default: the server's first)")
+    p.add_argument("--columns", nargs="+", metavar="LABEL=REPORT", help="no run: finished reports side by side (evals/columns.py)")
     p.add_argument("--datasets", type=Path, nargs="*", default=[DATASETS], help="JSONL files or directories of them")
     p.add_argument("--category", action="append", help="only these categories (repeatable)")
     p.add_argument("--per-category", type=int, help="a slice: at most this many cases per category (chosen by --seed)")
@@ -297,6 +298,13 @@ def main(args: argparse.Namespace) -> int:
 
     from evals.report import compare, summarise, write_report
 
+    if args.columns:
+        from evals import columns
+
+        md, png = columns.write(args.out, columns.load(args.columns))
+        print(md.read_text())
+        print(f"chart: {png}", file=sys.stderr)
+        return 0
     if args.rescore:
         # The stored outcomes scored again with today's scorers and cases.
         from evals.scorers import score

@@ -87,3 +87,20 @@ def test_the_report_has_markdown_json_and_three_charts(tmp_path):
     assert "| memory-0 | 0.00 |" in paths["markdown"].read_text()
     assert [p.name for p in paths["charts"]] == ["scores_by_category.png", "latency_by_category.png", "cost_by_category.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths["charts"])
+
+
+def test_runs_side_by_side_show_each_column_and_what_it_did_not_run(tmp_path):
+    from evals import columns
+
+    meta = {"model": "m", "base_url": "http://x/v1", "concurrency": 2, "duration_s": 1.0, "cases": 4}
+    full = summarise(_results("json", [1.0, 0.5]) + _results("memory", [0.0, 1.0]))
+    part = summarise(_results("memory", [1.0, 1.0]))
+    for name, summary in (("full", full), ("part", part)):
+        write_report(tmp_path / name, {**meta, "model": name}, summary, [], None, None)
+    md, png = columns.write(tmp_path, columns.load([f"a={tmp_path / 'full' / 'report.json'}", f"b -off={tmp_path / 'part' / 'report.json'}"]))
+    table = md.read_text()
+    assert "| category | a | b -off |" in table
+    assert "| json | 0.750 | – |" in table and "| memory | 0.500 | 1.000 |" in table
+    assert "**b -off**: model `part`" in table and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        columns.load(["no-equals-sign"])
