@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -113,7 +114,10 @@ class Runtime:
         self.memory = memory
         self.guard = guard
         # One for every model's serving: the tools' embeddings are kept across turns.
-        self.shortlister = Shortlister(self.embedder_handle, ShortlistPolicy(size=settings.tool_shortlist)) if settings.tool_shortlist > 0 else None
+        shortlist = ShortlistPolicy(size=settings.tool_shortlist)
+        if not settings.tool_auto_decision:
+            shortlist = dataclasses.replace(shortlist, call_at=None)
+        self.shortlister = Shortlister(self.embedder_handle, shortlist) if settings.tool_shortlist > 0 else None
         self.started = int(time.time())
         self.profile: ModelProfile | None = None
         self.checkpoint: Path | None = None

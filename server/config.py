@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # Identifiers, numbers and enum members of tool arguments constrained to the values
     # written in the conversation, where some fit (server/toolcalls/grounding.py).
     tool_grounding: bool = True
+    # Under `tool_choice: auto`, a request the shortlist's ranking clearly matches to a tool
+    # calls it (the first step as under `required`); off: the model decides alone.
+    tool_auto_decision: bool = True
     # Answers built from the turn's evidence: a sentence of its knowledge sources, cited,
     # or the user's own earlier words (server/turn/source_answer.py). "auto": for models of
     # the `small` tier; "off": the model always answers in its own words.

@@ -11,10 +11,15 @@ parameter with a `pattern`) is written in the conversation gains, one whose id i
 loses (server/toolcalls/grounding.py finds them).
 
 The leader is offered alone when it leads the next tool by `margin`; otherwise the best
-`size` are, and the constraint lets the model decide among them (and, under
-`tool_choice: auto`, answer in text instead). The settings were chosen on a development
-split of requests (evals/dev/tool_selection.jsonl, `scripts/tune_shortlist.py`), never on
-the eval set.
+`size` are, and the constraint lets the model decide among them. Under
+`tool_choice: auto` the ranking also decides whether to call at all: a small model
+shown tools answers in prose almost always, so when the leader's score reaches
+`call_at` (`call_at_cards` for a tool known by its card only) the turn's first step must
+call one of the tools offered (as under `required`); below it, the model chooses between
+calling and answering, as before. The
+settings were chosen on a development split of requests (evals/dev/tool_selection.jsonl,
+`scripts/tune_shortlist.py`; the call decision by `scripts/tune_tool_decision.py`, with
+requests that need no tool), never on the eval set.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class ShortlistPolicy:
     margin: float = 0.03  # the leader alone when its score leads the next by this much
     id_found: float = 0.25  # per required identifier written in the conversation
     id_missing: float = 0.25  # per required identifier that is not
+    # Under auto: the leader's score from which the turn calls (None: the model decides),
+    # for a tool that declares example requests, and for one known by its card only (a
+    # client's: OpenAI's tool format has no examples, and cards alone score lower).
+    call_at: float | None = 0.525
+    call_at_cards: float = 0.325
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,19 @@ class Shortlister:
         self._vectors: dict[str, np.ndarray] = {}
 
     def applies(self, tools: list[ToolSpec], choice: str) -> bool:
-        return self.policy.size > 0 and choice in ("auto", "required") and len(tools) > 1 and self.embedder_handle.value is not None
+        """Whether a turn's tools are ranked: to shortlist more than one, or to decide
+        whether an `auto` turn calls."""
+        if self.policy.size == 0 or choice not in ("auto", "required") or self.embedder_handle.value is None or not tools:
+            return False
+        return len(tools) > 1 or (choice == "auto" and self.policy.call_at is not None)
+
+    def must_call(self, ranked: list[Ranked]) -> bool:
+        """Under `auto`: whether the request clearly asks for a tool (the leader's score
+        reaches `call_at`), so the first step calls instead of leaving it to the model."""
+        if self.policy.call_at is None or not ranked:
+            return False
+        leader = ranked[0]
+        return leader.score >= (self.policy.call_at if leader.tool.asks else self.policy.call_at_cards)
 
     async def _tool_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]

@@ -135,7 +135,7 @@ class ChatServing:
 
     def _first_choice(self, turn: Turn) -> str:
         plan = turn.req.plan
-        return "none" if turn.report.refusal is not None or plan is None else plan.choice
+        return "none" if turn.report.refusal is not None or plan is None else turn.first_choice or plan.choice
 
     async def _gate(self, turn: Turn, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return await self.input_gate.check(turn, messages) if self.input_gate is not None else messages
@@ -157,13 +157,18 @@ class ChatServing:
                 "offered": [t.name for t in offered],
                 "ranked": [{"name": r.tool.name, "score": round(r.score, 3)} for r in ranked],
             }
+            if plan.choice == "auto":
+                call = self.shortlister.must_call(ranked)
+                turn.report.shortlist["decision"] = "call" if call else "model"
+                if call:
+                    turn.first_choice = "required"
 
     async def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal) -> Turn:
         """A stateless turn: the request's messages are the whole context."""
         turn = self._new_turn(request, started, principal)
         turn.step.messages = await self._gate(turn, request.chat_messages())
         await self._shortlist(turn)
-        self.prompt.render(turn, turn.req.plan.choice if turn.req.plan else "none")
+        self.prompt.render(turn, self._first_choice(turn))
         return turn
 
     async def prepare_stateful(

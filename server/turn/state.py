@@ -72,6 +72,9 @@ class Turn:
     # The tools offered to the model under `auto`/`required` when the server shortlisted
     # them; None: the plan's own.
     offered: list[ToolSpec] | None = None
+    # The first step's tool choice when the shortlist decided it ("required": an `auto`
+    # request that clearly asks for a tool); None: the plan's own.
+    first_choice: str | None = None
     # Engine request ids of a turn restarted by its input rails get a new suffix: the
     # dropped generation's abort must never reach the one that replaces it.
     attempt: int = 0

@@ -59,7 +59,7 @@ class ToolLoop:
         plan = turn.req.plan
         assert plan is not None
         server = {t.name for t in plan.tools if t.server}
-        first_choice = plan.choice
+        first_choice = turn.first_choice or plan.choice
         ends, ran = await self.resolve(turn)
         if ends is not None:
             for ev in ends:

@@ -74,3 +74,24 @@ def test_no_call_written_as_text_comes_back_as_the_answer(support):
         out = support.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": message}], tools=SUPPORT, temperature=0, max_tokens=60)
         content = (out.choices[0].message.content or "").lstrip()
         assert not content.startswith(("{", "[", "```", "<tool_call>")), content
+
+
+def test_under_auto_a_clear_tool_request_is_called_and_small_talk_is_answered(support, client):
+    """SmolLM2 left to choose under `auto` answered every tool request in prose; the
+    shortlist's ranking now decides when a request clearly asks for a tool."""
+    out = support.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Any news on my ticket T-1001?"}], tools=SUPPORT, tool_choice="auto", temperature=0, max_tokens=60
+    )
+    assert out.model_extra["tool_shortlist"]["decision"] == "call"
+    assert [c["name"] for c in out.model_extra["server_tool_calls"]][:1] == ["lookup_ticket"]
+    assert json.loads(out.model_extra["server_tool_calls"][0]["arguments"]) == {"ticket_id": "T-1001"}
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content  # then it answers
+    # A client's own tool: the call comes back to the client.
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    called = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the weather in Oslo right now?"}], tools=[weather], tool_choice="auto", temperature=0, max_tokens=40
+    )
+    assert called.choices[0].finish_reason == "tool_calls" and called.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # Small talk is left to the model, which answers it.
+    hello = support.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hello there!"}], tools=SUPPORT, tool_choice="auto", temperature=0, max_tokens=24)
+    assert hello.model_extra["tool_shortlist"]["decision"] == "model" and not hello.model_extra.get("server_tool_calls")

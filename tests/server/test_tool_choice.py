@@ -170,6 +170,31 @@ def test_the_turn_offers_the_shortlist_and_reports_it(scripted):
     assert "create_refund" not in first and '"T\\-1001"' in first  # offered alone, its id grounded
 
 
+def test_under_auto_a_clear_tool_request_calls_and_anything_else_is_left_to_the_model(scripted):
+    engine, api = scripted
+    engine.queue('[{"name": "lookup_ticket", "arguments": {"ticket_id": "T-1001"}}]', "It is open.", "Hello! How can I help?")
+    called = _ask(api, "Any news on my ticket T-1001?", tool_choice="auto")
+    assert called["tool_shortlist"]["decision"] == "call"
+    steps = [c for c in engine.calls if "precompile" not in c.request_id]
+    # The first step must call (no text branch); the step after the result may answer.
+    assert not regex.fullmatch(steps[0].params.regex, "It is open.") and regex.fullmatch(steps[1].params.regex, "It is open.")
+    assert called["choices"][0]["message"]["content"] == "It is open."
+    chat = _ask(api, "Hello there, are you a bot?", tool_choice="auto")
+    assert chat["tool_shortlist"]["decision"] == "model" and chat["choices"][0]["message"]["content"] == "Hello! How can I help?"
+    assert regex.fullmatch([c for c in engine.calls if "precompile" not in c.request_id][-1].params.regex, "Hello! How can I help?")
+
+
+def test_the_call_decision_needs_the_leader_to_reach_its_threshold():
+    tool, card = ToolSpec("a", "", {}, asks=("do a",)), ToolSpec("b", "", {})
+    shortlister = Shortlister(Late(object()), ShortlistPolicy(call_at=0.5, call_at_cards=0.3))
+    assert shortlister.applies([tool], "auto") and not shortlister.applies([tool], "required")
+    assert shortlister.must_call([Ranked(tool, 0.5, 0.5)]) and not shortlister.must_call([Ranked(tool, 0.49, 0.49)])
+    # A tool known by its card only (a client's) scores lower for the same fit.
+    assert shortlister.must_call([Ranked(card, 0.3, 0.3)]) and not shortlister.must_call([Ranked(card, 0.29, 0.29)])
+    off = Shortlister(Late(object()), ShortlistPolicy(call_at=None))
+    assert not off.applies([tool], "auto") and not off.must_call([Ranked(tool, 0.9, 0.9)])
+
+
 def test_a_one_off_tool_runs_once_a_turn_however_often_it_is_called(scripted):
     engine, api = scripted
     engine.queue(
