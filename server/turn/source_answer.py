@@ -55,7 +55,6 @@ def source_answers_on(mode: str, tier: str | None) -> bool:
 @dataclass(frozen=True)
 class Chosen:
     sentence: Sentence
-    similarity: float
 
     def text(self) -> str:
         s = self.sentence
@@ -120,7 +119,7 @@ class SourceAnswer:
             "chosen": order.index(best),
             "candidates": [_public(sentences[i], sims[i], probs.get(i)) for i in order],
         }
-        return Chosen(sentences[best], float(sims[best]))
+        return Chosen(sentences[best])
 
     async def similarities(self, query: str, sentences: list[Sentence]) -> np.ndarray:
         embedder = self.embedder_handle.value
