@@ -16,10 +16,10 @@ The leader is offered alone when it leads the next tool by `margin`; otherwise t
 shown tools answers in prose almost always, so when the leader's score reaches
 `call_at` (`call_at_cards` for a tool known by its card only) the turn's first step must
 call one of the tools offered (as under `required`); below it, the model chooses between
-calling and answering, as before. The
-settings were chosen on a development split of requests (evals/dev/tool_selection.jsonl,
-`scripts/tune_shortlist.py`; the call decision by `scripts/tune_tool_decision.py`, with
-requests that need no tool), never on the eval set.
+calling and answering, as before. The settings were chosen on a development split of
+requests (evals/dev/tool_selection.jsonl, `scripts/tune_shortlist.py`; the call decision
+by `scripts/tune_tool_decision.py`, with requests that need no tool), never on the eval
+set.
 """
 
 from __future__ import annotations
