@@ -141,7 +141,8 @@ def _convert_gguf(gguf: Path, out: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Loaded straight into the target dtype: no second full copy of the weights in fp32.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the
     # weights are already dequantised in memory, so drop the marker and save plain tensors.
