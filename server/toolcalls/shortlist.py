@@ -27,8 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from server.text_vectors import TextVectors
 from server.toolcalls.grounding import grounded_fields
 from server.toolcalls.spec import ToolSpec
 
@@ -79,7 +78,7 @@ class Shortlister:
         """`embedder`: a handle whose `.value` is the server's Embedder (None until loaded)."""
         self.embedder_handle = embedder
         self.policy = policy
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors = TextVectors(MAX_CACHED_TOOLS)
 
     def applies(self, tools: list[ToolSpec], choice: str) -> bool:
         """Whether a turn's tools are ranked: to shortlist more than one, or to decide
@@ -96,20 +95,11 @@ class Shortlister:
         leader = ranked[0]
         return leader.score >= (self.policy.call_at if leader.tool.asks else self.policy.call_at_cards)
 
-    async def _tool_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-        if missing:
-            vectors = await self.embedder_handle.value.embed(missing)
-            if len(self._vectors) + len(missing) > MAX_CACHED_TOOLS:
-                self._vectors.clear()  # a flood of ad-hoc tools: start again
-            self._vectors.update(zip(missing, vectors))
-        return {t: self._vectors[t] for t in texts}
-
     async def rank(self, query: str, tools: list[ToolSpec], conversation: str) -> list[Ranked]:
         """`tools` best first for `query` (the user's message), with `conversation` (what
         was said) deciding on identifiers."""
         texts = {t.name: tool_texts(t) for t in tools}
-        vectors = await self._tool_vectors([x for xs in texts.values() for x in xs])
+        vectors = await self._vectors.get(self.embedder_handle.value, [x for xs in texts.values() for x in xs])
         q = await self.embedder_handle.value.embed_one(query)
         out = []
         for t in tools:

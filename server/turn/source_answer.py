@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 from server.config import SourceAnswerPolicy
 from server.engine.base import Engine, GenerationParams
 from server.memory.evidence import Sentence, evidence
+from server.text_vectors import TextVectors
 from server.turn.events import Kind, TurnEvent
 from server.turn.generation import Generation
 from server.turn.state import Progress, Step, Turn
@@ -68,7 +68,7 @@ class SourceAnswer:
         self.engine = engine
         self.generation = generation
         self.policy = policy
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._vectors = TextVectors(MAX_CACHED)
 
     def applies(self, turn: Turn) -> bool:
         ctx, params = turn.context, turn.step.params
@@ -124,14 +124,9 @@ class SourceAnswer:
     async def similarities(self, query: str, sentences: list[Sentence]) -> np.ndarray:
         embedder = self.embedder_handle.value
         texts = [s.ranked_text() for s in sentences]
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-        if missing:
-            for t, v in zip(missing, await embedder.embed(missing), strict=True):
-                self._vectors[t] = v
-            while len(self._vectors) > MAX_CACHED:
-                self._vectors.popitem(last=False)
+        vectors = await self._vectors.get(embedder, texts)
         q = await embedder.embed_one(query)
-        return np.array([float(self._vectors[t] @ q) for t in texts])
+        return np.array([float(vectors[t] @ q) for t in texts])
 
     async def model_choice(self, turn: Turn, progress: Progress, candidates: list[Sentence]) -> list[float]:
         """The model's probability for each candidate: one token, constrained to the

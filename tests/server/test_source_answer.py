@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from server.auth import ANONYMOUS
@@ -185,3 +186,22 @@ def test_each_deployment_chooses_source_answers_or_free_ones():
     assert settings.source_answers == "off" and settings.source_answer_policy.candidates == 4
     with pytest.raises(ConfigError):
         load_settings(source_answer_policy={"candidates": 0})
+
+
+def test_known_texts_are_embedded_once_and_the_least_recent_dropped():
+    from server.text_vectors import TextVectors
+
+    class Counting:
+        def __init__(self):
+            self.asked: list[list[str]] = []
+
+        async def embed(self, texts):
+            self.asked.append(list(texts))
+            return np.stack([np.full(2, float(len(t))) for t in texts])
+
+    embedder, cache = Counting(), TextVectors(size=2)
+    got = asyncio.run(cache.get(embedder, ["a", "bb", "a"]))
+    assert embedder.asked == [["a", "bb"]] and got["bb"][0] == 2.0
+    asyncio.run(cache.get(embedder, ["a", "ccc"]))  # "bb" is now the least recent: dropped
+    asyncio.run(cache.get(embedder, ["a", "bb"]))
+    assert embedder.asked == [["a", "bb"], ["ccc"], ["bb"]]
