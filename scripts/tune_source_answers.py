@@ -56,8 +56,11 @@ MODEL_WEIGHT = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def answer_text(c: dict) -> str:
-    """The answer the server composes for a candidate (Chosen.text)."""
-    return f"You told me earlier: \u201c{c['text']}\u201d" if c["source"] == "user" else f"{c['text']} [{c['source']}]"
+    """The answer the server composes for a reported candidate."""
+    from server.memory.evidence import Sentence
+    from server.turn.source_answer import Chosen
+
+    return Chosen(Sentence(c["text"], None if c["source"] == "user" else c["source"])).text()
 
 
 def replay(recorded: dict, free: dict, k: int, floor: float, weight: float) -> str:
