@@ -17,6 +17,7 @@ from nemoguardrails.actions.rail_outcome import RailOutcome, TransformTarget
 
 from server.canary import contains
 from server.intents import SENTENCE_BREAK, longest_invisible_run
+from server.ownership import OwnershipRule
 from server.telemetry.redaction import mask_pii
 
 
@@ -58,6 +59,7 @@ class _Policy:
         intents = data.get("intents") or {}
         self.intent_threshold = float(intents.get("threshold", 0.87))
         self.intents_model = intents.get("model")
+        self.ownership = OwnershipRule(data.get("data_owner"))
 
 
 _POLICIES: dict[int, tuple[Any, _Policy]] = {}
@@ -174,6 +176,17 @@ async def enclave_harmful_intent(text: str | None, config: Any = None, enclave: 
     if score is None or score.p_harmful < pol.intent_threshold:
         return RailOutcome.allow()
     return RailOutcome.block(reason=f"harmful intent: {score.intent} (p={score.p_harmful:.2f} >= {pol.intent_threshold})")
+
+
+@action(is_system_action=True)
+async def enclave_data_owner(text: str | None, config: Any = None, **kwargs: Any) -> RailOutcome:
+    """Refuses a request for someone else's records, for records in bulk, or for the
+    service's secrets (server/ownership.py), however the request is worded; the user's own
+    data and questions about practice pass."""
+    finding = policy(config).ownership.finding(text or "")
+    if finding is None:
+        return RailOutcome.allow()
+    return RailOutcome.block(reason=finding.reason())
 
 
 @action(is_system_action=True)

@@ -67,7 +67,7 @@ def test_support_rails_add_topic_scoping_in_the_desks_voice_and_general_has_none
     general = Guard(RAILS, Metrics())
     support = Guard([RAILS, DEPLOYMENTS / "support" / "rails"], Metrics())
     assert "enclave off topic" not in general.config.rails.input.flows
-    assert support.config.rails.input.flows == ["enclave mask pii input", "regex check input", "enclave jailbreak heuristics", "enclave harmful intent", "enclave off topic"]
+    assert support.config.rails.input.flows == ["enclave mask pii input", "regex check input", "enclave jailbreak heuristics", "enclave harmful intent", "enclave data owner", "enclave off topic"]
     assert "orders" in support.refusal and "orders" not in general.refusal
     # Mappings merge: the support desk keeps every base policy value and adds its topics.
     base, desk = general.config.custom_data["enclave"], support.config.custom_data["enclave"]
