@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from server.engine.base import Engine, GenerationChunk
 from server.telemetry.metrics import Metrics
+from server.toolcalls.closing import close
 from server.toolcalls.format import CallParser
 from server.turn.events import Kind, TurnEvent
 from server.turn.prompt import Prompt
@@ -79,7 +81,7 @@ class Generation:
         The first call of a choice streams as it is generated; later ones are shown when
         complete, so that an exact repeat (a small model looping on "," after a call) can
         be dropped and its generation stopped instead of running to max_tokens."""
-        steps = _StepParsers(turn.step.params.n, constrained=turn.step.params.regex is not None, server=server)
+        steps = _StepParsers(turn.step.params.n, constrained=turn.step.params.regex is not None, server=server, schemas=turn.step.call_schemas)
         # Closed as soon as every choice is done, not when collected: its cleanup (the
         # engine's slot, metrics, the engine time charged to the turn) must come first.
         generation = self.generate(turn, progress, request_id, stop_early=steps.all_done)
@@ -101,9 +103,11 @@ class _StepParsers:
     """Per choice: the call parser, which calls were shown under which message index,
     and whether the choice is done."""
 
-    def __init__(self, n: int, constrained: bool, server: set[str]):
+    def __init__(self, n: int, constrained: bool, server: set[str], schemas: dict[str, dict[str, Any]] | None = None):
         self.constrained = constrained
         self.server = server
+        self.schemas = schemas or {}
+        self.closed = [False] * n  # a call cut by max_tokens was closed (close_cut_call)
         self.parsers = [CallParser() for _ in range(n)]
         self.shown: list[dict[int, int]] = [{} for _ in range(n)]  # parser call index → message index
         self.done = [False] * n
@@ -119,11 +123,37 @@ class _StepParsers:
         call = self.parsers[i].calls[k]
         return TurnEvent(Kind.CALL, i, call=self.shown[i][k], call_id=call.id, name=call.name)
 
+    def close_cut_call(self, i: int) -> list[TurnEvent]:
+        """Cut by max_tokens in the middle of a client's call that is already streaming:
+        its arguments are closed with the fewest characters its schema accepts (appended,
+        so the stream stays consistent), or, when no tail makes them valid, the call is
+        not completed and the client gets the text it was sent so far. The finish reason
+        stays "length": a value may have been cut short. A server tool's cut call is never
+        run (the loop runs finished calls only)."""
+        parser = self.parsers[i]
+        if not parser.calls or parser.calls[-1].complete:
+            return []
+        k = len(parser.calls) - 1
+        call = parser.calls[k]
+        schema = self.schemas.get(call.name)
+        if k not in self.shown[i] or schema is None:
+            return []
+        tail = close(call.arguments, schema)
+        if tail is None:
+            return []
+        call.arguments += tail
+        call.complete = True
+        self.closed[i] = True
+        return [TurnEvent(Kind.ARGS, i, tail, call=self.shown[i][k])] if tail else []
+
     def finish(self, i: int, reason: str) -> TurnEvent:
         parser = self.parsers[i]
         if self.constrained and parser.is_calls and reason == "stop":
             reason = "tool_calls" if self.shown[i] else "stop"
-        elif self.constrained and parser.is_calls and reason == "length" and self.shown[i] and all(parser.calls[k].complete for k in self.shown[i]):
+        elif (
+            self.constrained and parser.is_calls and reason == "length" and self.shown[i] and not self.closed[i]
+            and all(parser.calls[k].complete for k in self.shown[i])
+        ):
             # Cut while writing one more call, which was never shown: the calls the
             # client got are whole, and are what it should run.
             reason = "tool_calls"
@@ -163,5 +193,7 @@ class _StepParsers:
         if chunk.finish_reason is not None and not self.done[i]:
             if self.constrained and parser.mode is None and parser.text:
                 out.append(TurnEvent(Kind.TEXT, i, parser.text))
+            if self.constrained and parser.is_calls and chunk.finish_reason == "length":
+                out += self.close_cut_call(i)
             out.append(self.finish(i, chunk.finish_reason))
         return out

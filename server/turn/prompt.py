@@ -25,6 +25,7 @@ class Prompt:
     def render(self, turn: Turn, choice: str) -> None:
         """Prompt and parameters for the next generation step under `choice`."""
         plan, step = turn.req.plan, turn.step
+        step.call_schemas = {}
         if plan is not None and turn.offered is not None and choice in ("auto", "required"):
             plan = dataclasses.replace(plan, tools=turn.offered)  # the shortlist, in the prompt too
         messages = self.guard.mark_system_prompt(step.messages) if self.guard is not None else step.messages
@@ -38,6 +39,7 @@ class Prompt:
             schemas = [(t.name, fit(t.name, ground(t.parameters, said), params.max_tokens, self.engine.count_tokens)) for t in tools]
             constraint = build_constraint(schemas, allow_text=choice == "auto", parallel=plan.parallel)
             params = dataclasses.replace(params, regex=constraint.regex, json_schema=None)
+            step.call_schemas = dict(schemas)
         elif plan is not None and params.json_schema is None:
             # "none" with calls in the history: small models imitate them as text; the
             # answer must be prose.

@@ -45,6 +45,9 @@ class Step:
     prompt_token_ids: list[int] = field(default_factory=list)
     params: GenerationParams = field(default_factory=lambda: GenerationParams(max_tokens=1))
     tool_choice: str = "none"  # of this step (the plan's, then the loop's)
+    # The parameters each tool's calls are held to in this step (grounded and sized), by
+    # name: what a call cut by max_tokens is closed against (server/toolcalls/closing.py).
+    call_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

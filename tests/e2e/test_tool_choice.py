@@ -67,6 +67,78 @@ def test_a_call_with_free_text_closes_within_max_tokens(client, max_tokens):
         jsonschema.validate(json.loads(call.function.arguments), FREE_TEXT)
 
 
+ORDER = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "properties": {"sku": {"type": "string"}, "note": {"type": "string"}}, "required": ["sku", "note"], "additionalProperties": False},
+        },
+    },
+    "required": ["customer", "items"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("max_tokens", [72, 120])
+def test_a_call_with_nested_free_text_closes_within_max_tokens(client, max_tokens):
+    """The issue's case: an array of objects with free strings came back cut mid-string."""
+    tools = [{"type": "function", "function": {"name": "place_order", "description": "Place an order of several items.", "parameters": ORDER}}]
+    message = "Order for Alexandra Montgomery-Fitzwilliam: twelve items, each with a long gift note, " + ", ".join(f"SKU-{i:04d}" for i in range(12))
+    out = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": message}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "place_order"}},
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert out.usage.completion_tokens <= max_tokens
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), ORDER)
+
+
+OPEN = {
+    "type": "object",
+    "properties": {"note": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}, "meta": {"type": "object"}},
+    "required": ["note", "tags", "meta"],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_of_no_computable_size_cut_by_max_tokens_is_closed_valid(client, stream):
+    """An open object has no size to budget for: the cut call is closed with the fewest
+    characters its schema accepts, appended to what was streamed; the finish reason stays
+    "length", since a value was cut short."""
+    tools = [{"type": "function", "function": {"name": "log_note", "description": "Log a long note.", "parameters": OPEN}}]
+    kwargs = dict(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Log a very long note describing, in full detail, every step of my broken dock's repair."}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "log_note"}},
+        temperature=0,
+        max_tokens=24,
+    )
+    if stream:
+        arguments, finish = "", None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                for call in choice.delta.tool_calls or []:
+                    arguments += call.function.arguments or ""
+                finish = choice.finish_reason or finish
+    else:
+        out = client.chat.completions.create(**kwargs)
+        assert out.usage.completion_tokens == 24
+        (call,) = out.choices[0].message.tool_calls
+        arguments, finish = call.function.arguments, out.choices[0].finish_reason
+    assert finish == "length"
+    jsonschema.validate(json.loads(arguments), OPEN)
+
+
 def test_no_call_written_as_text_comes_back_as_the_answer(support):
     """Under `auto` the model may answer in prose, but a JSON object, a code fence or
     <tool_call> tags as the answer would be a call the client never sees as one."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jsonschema
 import pytest
 import regex
 from fastapi.testclient import TestClient
@@ -17,6 +18,7 @@ from server.embedder import Embedder, packaged_model_dir
 from server.engine.scripted import ScriptedEngine
 from server.handles import Late
 from server.toolcalls.budget import fit
+from server.toolcalls.closing import close
 from server.toolcalls.constraint import TEXT, build_constraint
 from server.toolcalls.grounding import (
     MAX_CANDIDATES,
@@ -96,7 +98,59 @@ def test_free_text_is_capped_so_that_the_call_closes_within_max_tokens():
     assert 3 <= narrow < wide
     assert fit("handoff_to_agent", HANDOFF, 12) is HANDOFF  # no room for the shortest reason: left whole
     nested = {"type": "object", "properties": {"q": {"type": "string"}, "items": {"type": "array", "items": {"type": "string"}}}}
-    assert fit("f", nested, 30) is nested  # nothing to size a call by
+    assert fit("f", nested, 30) is nested  # no room for even one item: left whole
+    open_object = {"type": "object", "properties": {"q": {"type": "string"}, "extra": {"type": "object"}}}
+    assert fit("f", open_object, 4000) is open_object  # an open object has no size
+
+
+ORDER = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1, "maximum": 99}}, "required": ["sku", "qty"]},
+        },
+    },
+    "required": ["customer", "items"],
+}
+
+
+def _longest(name: str, schema: dict) -> str:
+    """The longest call the sized schema allows: every array full, every string at its cap."""
+
+    def value(node: dict):
+        if node.get("type") == "array":
+            return [value(node["items"])] * node["maxItems"]
+        if node.get("type") == "object":
+            return {k: value(v) for k, v in node["properties"].items()}
+        if node.get("type") == "integer":
+            return node["maximum"]
+        return "x" * node["maxLength"]
+
+    return json.dumps([{"name": name, "arguments": value(schema)}])
+
+
+@pytest.mark.parametrize("max_tokens", [160, 240, 400])
+def test_nested_arguments_are_sized_so_that_the_longest_call_closes_within_max_tokens(max_tokens):
+    # The issue's case: `{"items": [{"sku": …}]}` used to come back cut mid-string.
+    sized = fit("place_order", ORDER, max_tokens, count_tokens=len)  # a token a character: the strictest count
+    items = sized["properties"]["items"]
+    assert 1 <= items["maxItems"] <= 8
+    cap = items["items"]["properties"]["sku"]["maxLength"]
+    assert cap == sized["properties"]["customer"]["maxLength"] >= 1
+    longest = _longest("place_order", sized)
+    assert len(longest) <= max_tokens
+    pattern = regex.compile(build_constraint([("place_order", sized)], allow_text=False, parallel=False).regex)
+    assert pattern.fullmatch(longest)
+    one_more = json.loads(longest)
+    one_more[0]["arguments"]["items"].append(one_more[0]["arguments"]["items"][0])
+    assert not pattern.fullmatch(json.dumps(one_more))
+    # A larger budget buys more items before longer strings.
+    if max_tokens == 400:
+        assert items["maxItems"] == 8 or cap >= 8
+    assert fit("place_order", ORDER, 48, count_tokens=len) is ORDER  # not even one item fits: left whole
 
 
 def test_text_under_auto_cannot_open_a_call_written_as_text():
@@ -218,3 +272,40 @@ def test_calls_completed_before_max_tokens_cut_still_count(scripted):
     r = api.post("/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "go"}], "tools": tools, "tool_choice": "required", "max_tokens": 9})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and [json.loads(c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == [{"x": 1}]
+
+
+# ---------------------------------------------------------------- calls cut by max_tokens, closed
+
+CUT = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "meta": {"type": "object"},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}, "size": {"enum": ["small", "large"]}, "gift": {"type": "boolean"}},
+                "required": ["sku", "qty"],
+            },
+        },
+    },
+    "required": ["customer", "items", "meta"],
+}
+
+
+def test_a_call_cut_anywhere_is_closed_into_arguments_its_schema_accepts():
+    full = json.dumps({"customer": 'Ann "B" \\ Co', "items": [{"sku": "A-1", "qty": 12, "size": "large", "gift": True}, {"sku": "B-2", "qty": 3}], "meta": {"k": [1, None]}})
+    for cut in range(1, len(full)):
+        tail = close(full[:cut], CUT)
+        assert tail is not None, full[:cut]
+        jsonschema.validate(json.loads(full[:cut] + tail), CUT)
+    assert close('{"customer": "Ann", "items": [{"sku": "A-1", "qty": 2, "size": "la', CUT) == 'rge"}], "meta": {}}'
+    assert close('{"customer": "Ann", "items": [', CUT) == '{"sku": "", "qty": 1}], "meta": {}}'
+
+
+def test_a_cut_no_tail_can_make_valid_is_not_closed():
+    patterned = {"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^ORD-[0-9]{4}$"}}, "required": ["order_id"]}
+    assert close('{"order_id": "ORD-1', patterned) is None
+    assert close("not json", CUT) is None
