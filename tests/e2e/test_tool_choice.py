@@ -115,14 +115,14 @@ def test_a_call_of_no_computable_size_cut_by_max_tokens_is_closed_valid(client, 
     characters its schema accepts, appended to what was streamed; the finish reason stays
     "length", since a value was cut short."""
     tools = [{"type": "function", "function": {"name": "log_note", "description": "Log a long note.", "parameters": OPEN}}]
-    kwargs = dict(
-        model="smollm2",
-        messages=[{"role": "user", "content": "Log a very long note describing, in full detail, every step of my broken dock's repair."}],
-        tools=tools,
-        tool_choice={"type": "function", "function": {"name": "log_note"}},
-        temperature=0,
-        max_tokens=24,
-    )
+    kwargs = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Log a very long note describing, in full detail, every step of my broken dock's repair."}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "log_note"}},
+        "temperature": 0,
+        "max_tokens": 24,
+    }
     if stream:
         arguments, finish = "", None
         for chunk in client.chat.completions.create(stream=True, **kwargs):
