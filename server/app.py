@@ -40,6 +40,7 @@ from server.errors import (
 from server.forgetting import Forgetter
 from server.guard import Guard, GuardAudit
 from server.handles import Late
+from server.mcp.tools import add_mcp_servers
 from server.memory.context import MemoryServices
 from server.memory.conversations import ConversationStore
 from server.memory.episodic import EpisodicMemory
@@ -330,6 +331,7 @@ class Runtime:
             await self.ingest.close()
         for serving in self.servings.values():
             await serving.engine.shutdown()
+        await self.executor.registry.close()  # MCP servers' connections (stdio children stop)
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still batched
 
@@ -436,6 +438,7 @@ def create_app(
     # stops start-up with a message instead of failing the first request.
     db = connect(settings.resolved_database_url)
     registry = Registry.load(settings.tool_packs, settings)
+    add_mcp_servers(registry, settings.mcp_servers)
     deployment = load_deployment(settings.deployments_dir, settings.deployment)
     if settings.routing is not None:
         try:

@@ -100,7 +100,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if not args.tenant or not args.user:
             raise ConfigError("keys create needs --tenant and --user")
         # Least privilege: without --scope, an end user's scopes and the enabled tool packs.
-        scopes = args.scope or default_scopes(settings.tool_packs)
+        scopes = args.scope or default_scopes([*settings.tool_packs, *(c.pack for c in settings.mcp_servers)])
         secret, record = store.create(args.tenant, args.user, scopes, args.vector_store, args.budget_usd)
         print(json.dumps({**record, "key": secret}, indent=2))
         print("Store the key now: it is not shown again.", file=sys.stderr)

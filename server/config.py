@@ -18,6 +18,7 @@ from pydantic_settings import (
 from server.deployments import NAME as DEPLOYMENT_NAME
 from server.deployments import load_deployment
 from server.errors import ConfigError
+from server.mcp.config import MCPServerConfig
 from server.routing import RoutingConfig
 
 # The repository's own models/ directory: profiles ship with the code.
@@ -100,6 +101,9 @@ class Settings(BaseSettings):
     tool_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where tool packs keep each tenant's database (<dir>/<pack>/…); empty: <data_dir>/packs.
     pack_data_dir: Path | None = None
+    # MCP servers whose tools are server tools (server/mcp): each a label, `command`
+    # (stdio) or `url` (streamable HTTP), the tools allowed and those to confirm.
+    mcp_servers: list[MCPServerConfig] = Field(default_factory=list)
     # Per-tool rate limits per API key that override the packs' own, e.g. {"create_refund": "10/hour"}.
     tool_rate_limits: dict[str, str] = Field(default_factory=dict)
     # On-disk cache of compiled output constraints (vLLM's outlines cache, under

@@ -55,7 +55,7 @@ class Tool:
     name: str
     description: str
     fn: Callable[..., Any]
-    args_model: type[BaseModel]
+    args_model: type[BaseModel] | None  # None: arguments checked against `parameters` (JSON Schema)
     parameters: dict[str, Any]
     context_param: str | None
     pack: str = ""
@@ -83,7 +83,18 @@ class Tool:
         return replace(ctx, data=self.data.for_tenant(ctx.tenant) if self.data is not None else None)
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Arguments checked and coerced by the signature; ToolError on failure."""
+        """Arguments checked and coerced by the signature (or, for a tool known by its
+        schema only, as an MCP server's are, checked against the schema); ToolError on
+        failure."""
+        if self.args_model is None:
+            import jsonschema
+
+            if not isinstance(arguments, dict):
+                raise ToolError("invalid arguments: expected an object")
+            problems = sorted(jsonschema.Draft202012Validator(self.parameters).iter_errors(arguments), key=lambda e: list(e.path))
+            if problems:
+                raise ToolError("invalid arguments: " + "; ".join(f"{'.'.join(str(p) for p in e.path) or 'arguments'}: {e.message}" for e in problems))
+            return dict(arguments)
         try:
             return dict(self.args_model.model_validate(arguments))
         except ValidationError as exc:
@@ -196,6 +207,12 @@ class Registry:
         self.tools: dict[str, Tool] = {}
         self.packs: dict[str, list[Tool]] = {}
         self.data: dict[str, PackData] = {}
+        # Open connections of the MCP servers whose tools are here (server/mcp), by label.
+        self.connections: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        for connection in self.connections.values():
+            await connection.close()
 
     def add_pack(self, pack: str, tools: list[Tool], data: PackData | None = None) -> None:
         # Copies: the module's own Tool objects stay untouched, so two registries (two

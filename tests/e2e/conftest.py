@@ -22,6 +22,7 @@ import pytest
 
 from server.scopes import ADMIN_SCOPES
 
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 300
 SUPPORT_SEED = Path(__file__).with_name("support_seed.json")
 # Every scope there is: "*" and, by name, the operator scopes it does not include.
@@ -137,8 +138,41 @@ def _is_engine(pid: int) -> bool:
         return False
 
 
+@dataclass
+class MCPServers:
+    """The real MCP servers the live server uses (tests/mcp_servers/helpdesk.py): one over
+    streamable HTTP, one as the server's own stdio child; `ledger` has a line per note
+    the stdio one deleted."""
+
+    http_url: str
+    ledger: Path
+    process: subprocess.Popen
+
+
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory) -> LiveServer:
+def mcp_servers(tmp_path_factory) -> MCPServers:
+    port = free_port()
+    ledger = tmp_path_factory.mktemp("mcp") / "ledger.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.mcp_servers.helpdesk", "--http", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("the MCP test server did not start")
+            time.sleep(0.2)
+    yield MCPServers(url, ledger, process)
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, mcp_servers) -> LiveServer:
     data_dir = tmp_path_factory.mktemp("data")
     # The tests' main key holds every scope, the operator ones by name.
     key = create_key(data_dir, "--tenant", "acme", "--user", "alice", *ALL_SCOPES)
@@ -173,6 +207,19 @@ def live_server(tmp_path_factory) -> LiveServer:
         "ENCLAVE_ENGINE_OVERRIDES": '{"max_model_len": 2048}',
         # Opt-in: only requests that send `"cache": true` use it (tests/e2e/test_response_cache.py).
         "ENCLAVE_RESPONSE_CACHE": '{"mode": "opt_in", "similarity": 0.9}',
+        # MCP tools (tests/e2e/test_mcp.py): the article lookup over HTTP, the note
+        # deletion and the crashing tool from a stdio child of the server.
+        "ENCLAVE_MCP_SERVERS": json.dumps(
+            [
+                {"label": "articles", "url": mcp_servers.http_url, "allowed_tools": ["lookup_article"]},
+                {
+                    "label": "notes",
+                    "command": ["python", "-m", "tests.mcp_servers.helpdesk", "--ledger", str(mcp_servers.ledger)],
+                    "cwd": str(ROOT),
+                    "allowed_tools": ["delete_note", "crash_server"],
+                },
+            ]
+        ),
     }
     server = LiveServer(f"http://127.0.0.1:{port}/v1", key, limited, data_dir, log_path, None, keys, port, env)  # type: ignore[arg-type]
     start(server)
