@@ -24,6 +24,8 @@ PREFIXES = {
     "vector_store": "vs_",
     "file": "file-",
     "cached_response": "rc_",
+    "mcp_list_tools": "mcpl_",
+    "mcp_approval_response": "mcpr_",
 }
 
 

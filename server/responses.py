@@ -15,6 +15,8 @@ from typing import Any
 from server.auth import Principal
 from server.errors import InvalidRequestError
 from server.ids import new_id
+from server.mcp.hosted import HostedMCP, approval_messages
+from server.mcp.hosted import chat_tools as mcp_chat_tools
 from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.telemetry.redaction import mask_pii
@@ -85,6 +87,17 @@ def input_messages(req: ResponsesRequest) -> tuple[list[dict[str, str]], list[di
                 raise InvalidRequestError(f"{where} needs call_id and output (a string)", param=f"input.{i}")
             messages.append({"role": "tool", "content": output})
             stored.append({"id": item.get("id") or new_id("function_call_output"), "type": "function_call_output", "call_id": item["call_id"], "output": output})
+        elif kind == "mcp_approval_response":
+            messages.extend(approval_messages(item, where))
+            stored.append({"id": item.get("id") or new_id("mcp_approval_response"), **{k: item.get(k) for k in ("type", "approval_request_id", "approve", "reason")}})
+        elif kind == "mcp_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments"), str):
+                raise InvalidRequestError(f"{where} needs name and arguments (a JSON string)", param=f"input.{i}")
+            messages.append({"role": "assistant", "content": call_text([{"function": {"name": item["name"], "arguments": item["arguments"]}}])})
+            messages.append({"role": "tool", "content": str(item.get("output") or item.get("error") or "")})
+            stored.append(dict(item))
+        elif kind in ("mcp_list_tools", "mcp_approval_request"):
+            stored.append(dict(item))  # what the previous response showed; nothing for the model
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments"), str):
                 raise InvalidRequestError(f"{where} needs name and arguments (a JSON string)", param=f"input.{i}")
@@ -111,8 +124,10 @@ def _masked_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def split_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any, list[str], int]:
-    """(chat tools, chat tool_choice, file_search vector store ids, max results)."""
+def split_tools(req: ResponsesRequest, registry: Any = None, hosted: HostedMCP | None = None) -> tuple[list[dict[str, Any]] | None, Any, list[str], int]:
+    """(chat tools, chat tool_choice, file_search vector store ids, max results); the
+    request's `mcp` tools are added to `hosted` (server/mcp/hosted.py)."""
+    hosted = hosted if hosted is not None else HostedMCP()
     chat_tools: list[dict[str, Any]] = []
     stores: list[str] = []
     max_results = DEFAULT_MAX_RESULTS
@@ -132,12 +147,16 @@ def split_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any
             max_results = n
         elif kind == "server":
             chat_tools.append(tool)
+        elif kind == "mcp":
+            chat_tools.extend(mcp_chat_tools(tool, i, registry, hosted))
         else:
             raise InvalidRequestError(f"tools[{i}]: tools of type {kind!r} are not supported", param=f"tools.{i}.type", code="unsupported_tool")
     choice = req.tool_choice
     if isinstance(choice, dict):
-        if choice.get("type") == "function":
+        if choice.get("type") in ("function", "mcp") and choice.get("name"):
             choice = {"type": "function", "function": {"name": choice.get("name")}}
+        elif choice.get("type") == "mcp":
+            choice = "required"  # a server's tools, whichever fits
         elif choice.get("type") == "file_search":
             choice = None  # retrieval runs before every turn that has the tool anyway
     if not chat_tools and choice in ("auto", "none"):
@@ -181,7 +200,8 @@ async def prepare(chat: ChatServing, req: ResponsesRequest, started: float, prin
     if memory is None:
         raise InvalidRequestError("the Responses API needs the memory services, which are not enabled")
     new_messages, input_items, system_in_input = input_messages(req)
-    tools, tool_choice, stores, max_results = split_tools(req)
+    hosted = HostedMCP()
+    tools, tool_choice, stores, max_results = split_tools(req, chat.executor.registry if chat.executor is not None else None, hosted)
     request = chat_request(req, tools, tool_choice)
     conversation = req.conversation_name()
     thread = None
@@ -193,7 +213,7 @@ async def prepare(chat: ChatServing, req: ResponsesRequest, started: float, prin
     turn = await chat.prepare_stateful(request, started, principal, ctx, request_id=response_id)
     if chat.guard is not None:
         input_items = _masked_items(input_items)  # personal data masked, as the model saw it
-    shape = ResponseShape(req, ctx, response_id, chat.model)
+    shape = ResponseShape(req, ctx, response_id, chat.model, hosted, turn.report)
 
     def stored_as(answer: Choice, usage: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return final(chat, turn, shape, shape.output(answer), usage, answer.finish_reason), input_items
@@ -210,6 +230,8 @@ def said(body: ResponsesRequest) -> list[dict[str, Any]]:
     for item in body.input:
         if isinstance(item, dict) and item.get("type") == "function_call_output":
             out.append({"role": "tool", "content": item.get("output")})
+        elif isinstance(item, dict) and str(item.get("type", "")).startswith("mcp_"):
+            continue  # MCP items: not words of the user
         elif isinstance(item, dict):
             out.append({"role": item.get("role"), "content": item.get("content")})
     return out

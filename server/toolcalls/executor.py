@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,14 +85,15 @@ class Executor:
 
     # ------------------------------------------------------------ calls from the model
 
-    async def run(self, calls: list[tuple[str, str, str]], principal: Principal, ctx: ToolContext) -> list[ToolResult]:
-        """Run (call id, name, raw JSON arguments) calls; independent calls run concurrently."""
-        return list(await asyncio.gather(*(self._one(cid, name, raw, principal, ctx) for cid, name, raw in calls)))
+    async def run(self, calls: list[tuple[str, str, str]], principal: Principal, ctx: ToolContext, confirm: Collection[str] = ()) -> list[ToolResult]:
+        """Run (call id, name, raw JSON arguments) calls; independent calls run concurrently.
+        Tools named in `confirm` wait for confirmation, as destructive ones always do."""
+        return list(await asyncio.gather(*(self._one(cid, name, raw, principal, ctx, name in confirm) for cid, name, raw in calls)))
 
-    async def _one(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext) -> ToolResult:
+    async def _one(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, confirm: bool = False) -> ToolResult:
         audit: list[tuple] = []
         with tracing.span(f"execute_tool {name}", **_tool_attributes(name, call_id)) as span:
-            result = await self._decide(call_id, name, raw, principal, ctx, audit)
+            result = await self._decide(call_id, name, raw, principal, ctx, audit, confirm)
             tracing.set_attributes(span, enclave__tool__outcome=result.status)
             await asyncio.to_thread(self._audit, *audit[0])
             if self.guard is not None and result.status == "ok":
@@ -101,7 +103,7 @@ class Executor:
                 result.guard_events += events
         return result
 
-    async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple]) -> ToolResult:
+    async def _decide(self, call_id: str, name: str, raw: str, principal: Principal, ctx: ToolContext, audit: list[tuple], confirm: bool = False) -> ToolResult:
         started = time.perf_counter()
         tool = self.registry.get(name)
 
@@ -126,7 +128,7 @@ class Executor:
         if tool.rate_limit and await asyncio.to_thread(self._over_limit, tool, principal):
             calls, per = tool.rate_limit
             return result("rate_limited", _error(f"rate limit reached for {name} ({calls} per {per:g} s); try again later"), error="rate limited", args=arguments)
-        if tool.destructive:
+        if tool.destructive or confirm:
             try:
                 if tool.precheck is not None:
                     await asyncio.to_thread(tool.precheck, tool.bind(ctx), **arguments)

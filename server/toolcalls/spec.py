@@ -3,7 +3,8 @@
 Client tools (`{"type": "function", ...}`) are OpenAI's: the server only constrains the
 call and hands it back. Server tools (`{"type": "server", "name": "support"}` for a whole
 pack, or `"support.lookup_ticket"` / `"lookup_ticket"` for one tool) come from the
-registry and run here.
+registry and run here; `"confirm": true` on such an entry makes its tools wait for the
+user's confirmation as destructive ones do (a request may ask for more care, never less).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ToolPlan:
     choice: Literal["none", "auto", "required"] | str  # a str other than those: a named tool
     parallel: bool = True
     by_name: dict[str, ToolSpec] = field(default_factory=dict)
+    # Server tools this request wants confirmed before they run, beyond the destructive
+    # ones (a server entry's `"confirm": true`; the Responses API's MCP `require_approval`).
+    confirm: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.by_name = {t.name: t for t in self.tools}
@@ -85,6 +89,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
             raise InvalidRequestError("tool_choice is only allowed when tools are specified", param="tool_choice")
         return None
     specs: list[ToolSpec] = []
+    confirm: set[str] = set()
     for i, entry in enumerate(tools):
         if not isinstance(entry, dict):
             raise InvalidRequestError(f"tools[{i}] must be an object", param=f"tools[{i}]")
@@ -103,6 +108,8 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
                         code="tool_not_permitted",
                     )
                 specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=True, asks=tuple(tool.asks)))
+                if entry.get("confirm") is True:
+                    confirm.add(tool.name)
         else:
             raise InvalidRequestError(f"tools[{i}].type must be 'function' or 'server', not {kind!r}", param=f"tools[{i}].type")
     seen: set[str] = set()
@@ -110,7 +117,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
         if spec.name in seen:
             raise InvalidRequestError(f"tool `{spec.name}` is declared more than once", param="tools")
         seen.add(spec.name)
-    return ToolPlan(specs, _choice(tool_choice, seen), parallel is not False)
+    return ToolPlan(specs, _choice(tool_choice, seen), parallel is not False, confirm=frozenset(confirm))
 
 
 def _choice(tool_choice: Any, names: set[str]) -> str:

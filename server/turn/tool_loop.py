@@ -130,7 +130,8 @@ class ToolLoop:
         that wait for the user's confirmation."""
         p = turn.req.principal
         ctx = ToolContext(p.tenant, p.user, p.key_id, turn.request_id, turn.step.messages)
-        results = await self.executor.run([(c.id, c.name, c.arguments) for c in server_calls], p, ctx)
+        plan = turn.req.plan
+        results = await self.executor.run([(c.id, c.name, c.arguments) for c in server_calls], p, ctx, plan.confirm if plan is not None else ())
         for r in results:
             turn.guards.add(r.guard_events)
         turn.report.server_calls.extend(results)

@@ -100,3 +100,70 @@ def test_a_key_without_the_servers_scope_cannot_use_its_tools(live_server):
     with pytest.raises(openai.PermissionDeniedError) as err:
         support.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "warranty?"}], tools=[{"type": "server", "name": "mcp:articles"}], max_tokens=5)
     assert err.value.body["code"] == "tool_not_permitted"
+
+
+# ---------------------------------------------------------------- the Responses API's mcp tool
+
+
+def test_the_responses_mcp_tool_lists_the_servers_tools_and_returns_its_calls(client, mcp_servers):
+    tools = [{"type": "mcp", "server_label": "articles", "server_url": mcp_servers.http_url, "require_approval": "never"}]
+    out = client.responses.create(
+        model=MODEL,
+        input="How long is the warranty on the dock?",
+        tools=tools,
+        tool_choice={"type": "mcp", "server_label": "articles", "name": "lookup_article"},
+        max_output_tokens=60,
+        temperature=0,
+    )
+    kinds = [i.type for i in out.output]
+    assert kinds[0] == "mcp_list_tools" and kinds.index("mcp_call") < kinds.index("message"), kinds
+    listed = out.output[0]
+    assert listed.server_label == "articles" and [t.name for t in listed.tools] == ["lookup_article"]
+    call = next(i for i in out.output if i.type == "mcp_call")
+    assert (call.server_label, call.name, call.error) == ("articles", "lookup_article", None) and call.output
+    # Streamed: the same items, as output_item events.
+    with client.responses.stream(model=MODEL, input="And the returns policy?", tools=tools, tool_choice={"type": "mcp", "server_label": "articles", "name": "lookup_article"}, max_output_tokens=40, temperature=0) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.mcp_list_tools.completed" in events and "response.mcp_call.completed" in events
+    assert [i.type for i in final.output][:2] == ["mcp_list_tools", "mcp_call"]
+
+
+def test_an_mcp_call_waits_for_approval_runs_once_when_approved_and_not_when_denied(client, mcp_servers):
+    tools = [{"type": "mcp", "server_label": "notes", "allowed_tools": ["delete_note"], "require_approval": "always"}]
+    choice = {"type": "mcp", "server_label": "notes", "name": "delete_note"}
+    asked = client.responses.create(model=MODEL, input="Delete my note N-88.", tools=tools, tool_choice=choice, max_output_tokens=60, temperature=0)
+    request = next(i for i in asked.output if i.type == "mcp_approval_request")
+    note = json.loads(request.arguments)["note_id"]
+    before = _deleted(mcp_servers).count(note)
+    approve = [{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}]
+    done = client.responses.create(model=MODEL, previous_response_id=asked.id, input=approve, tools=tools, max_output_tokens=40, temperature=0)
+    call = next(i for i in done.output if i.type == "mcp_call")
+    assert call.approval_request_id == request.id and call.error is None and json.loads(call.output) == {"deleted": note}
+    again = client.responses.create(model=MODEL, previous_response_id=asked.id, input=approve, tools=tools, max_output_tokens=40, temperature=0)
+    assert again.output  # the replayed approval is answered, and runs nothing
+    assert _deleted(mcp_servers).count(note) == before + 1
+
+    asked = client.responses.create(model=MODEL, input="Delete my note N-99.", tools=tools, tool_choice=choice, max_output_tokens=60, temperature=0)
+    request = next(i for i in asked.output if i.type == "mcp_approval_request")
+    note = json.loads(request.arguments)["note_id"]
+    before = _deleted(mcp_servers).count(note)
+    deny = [{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": False}]
+    denied = client.responses.create(model=MODEL, previous_response_id=asked.id, input=deny, tools=tools, max_output_tokens=40, temperature=0)
+    assert "nothing was done" in denied.output_text and not [i for i in denied.output if i.type == "mcp_call"]
+    assert _deleted(mcp_servers).count(note) == before
+
+
+@pytest.mark.parametrize(
+    ("tool", "code"),
+    [
+        ({"type": "mcp", "server_label": "anywhere", "server_url": "http://mcp.example.com/mcp"}, "mcp_server_not_allowed"),
+        ({"type": "mcp", "server_label": "articles", "server_url": "http://mcp.example.com/mcp"}, "mcp_server_not_allowed"),
+        ({"type": "mcp", "server_label": "articles", "headers": {"Authorization": "Bearer x"}}, "unsupported_parameter"),
+        ({"type": "mcp", "server_label": "articles", "allowed_tools": ["drop_everything"]}, "tool_not_found"),
+    ],
+)
+def test_only_the_operators_mcp_servers_can_be_used(client, tool, code):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="hi", tools=[tool], max_output_tokens=5)
+    assert err.value.body["code"] == code

@@ -67,6 +67,23 @@ class _EventEncoder:
             yield self.emit("response.output_item.added", output_index=0, item={**fs, "status": "in_progress"})
             yield self.emit("response.file_search_call.completed", output_index=0, item_id=shape.fs_id)
             yield self.emit("response.output_item.done", output_index=0, item=fs)
+        yield from self._mcp(shape.hosted.list_items())
+
+    def _mcp(self, items: list[dict[str, Any]]) -> Iterable[str]:
+        """MCP items not yet sent (the server's tool list; calls that ran, approvals asked
+        for), each added and done at once: they are complete when known."""
+        sent = {i.get("id") for i in self.items}
+        for item in items:
+            if item["id"] in sent:
+                continue
+            self.items.append(item)
+            index = len(self.items) - 1
+            yield self.emit("response.output_item.added", output_index=index, item=item)
+            if item["type"] == "mcp_list_tools":
+                yield self.emit("response.mcp_list_tools.completed", item_id=item["id"], output_index=index)
+            elif item["type"] == "mcp_call":
+                yield self.emit("response.mcp_call.completed" if item["status"] == "completed" else "response.mcp_call.failed", item_id=item["id"], output_index=index)
+            yield self.emit("response.output_item.done", output_index=index, item=item)
 
     def _open(self, kind: str, item: dict[str, Any]) -> Iterable[str]:
         yield from self._close_open()
@@ -79,6 +96,8 @@ class _EventEncoder:
         index = len(self.items) - 1
         if ev.kind is Kind.TEXT and ev.text:
             if self.open_kind != "message":
+                yield from self._close_open()
+                yield from self._mcp([i for i in shape.mcp_items() if i["type"] == "mcp_call"])  # the calls that ran before this answer
                 yield from self._open("message", shape.message_item("", "in_progress"))
                 index = len(self.items) - 1
                 yield self.emit("response.content_part.added", item_id=shape.msg_id, output_index=index, content_index=0, part={"type": "output_text", "text": "", "annotations": []})
@@ -116,6 +135,7 @@ class _EventEncoder:
 
     def closing(self) -> Iterable[str]:
         yield from self._close_open()
+        yield from self._mcp(self.shape.mcp_items())
         if not any(i["type"] == "message" for i in self.items) and not self.answer.calls:
             self.items.append(self.shape.message_item(""))  # an empty answer is still a message
         done = final(self.chat, self.run.turn, self.shape, self.items, self.chat.usage(self.run.progress), self.answer.finish_reason)

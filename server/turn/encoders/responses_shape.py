@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 from server.ids import new_id
+from server.mcp.hosted import HostedMCP
 from server.memory.context import ContextRequest
 from server.protocol import ResponsesRequest
 from server.turn.events import Choice
+from server.turn.state import Report
 
 _CITE = re.compile(r"\[(\d{1,2})\]")
 
@@ -27,8 +29,12 @@ def _echoed_tool(tool: Any) -> Any:
 class ResponseShape:
     """Ids and objects of one response, shared by the stream and the stored object."""
 
-    def __init__(self, req: ResponsesRequest, ctx: ContextRequest, response_id: str, model: str):
+    def __init__(self, req: ResponsesRequest, ctx: ContextRequest, response_id: str, model: str, hosted: HostedMCP | None = None, report: Report | None = None):
         self.req = req
+        # The request's MCP servers and the turn's report (server calls, pending action):
+        # the mcp_* output items.
+        self.hosted = hosted or HostedMCP()
+        self.report = report
         self.ctx = ctx
         self.id = response_id
         self.model = model
@@ -87,12 +93,19 @@ class ResponseShape:
             "arguments": call["arguments"] if status == "completed" else "",
         }
 
+    def mcp_items(self) -> list[dict[str, Any]]:
+        """The `mcp_call` and `mcp_approval_request` items of the turn so far."""
+        if not self.hosted.tools or self.report is None:
+            return []
+        return self.hosted.call_items(self.report.server_calls, self.report.pending_action)
+
     def output(self, out: Choice) -> list[dict[str, Any]]:
-        items = [x for x in [self.file_search_item()] if x]
+        mcp = self.mcp_items()
+        items = [x for x in [self.file_search_item()] if x] + self.hosted.list_items() + [i for i in mcp if i["type"] == "mcp_call"]
         if out.text or not out.calls:
             items.append(self.message_item(out.text))
         items.extend(self.call_item(k, c) for k, c in enumerate(out.calls))
-        return items
+        return items + [i for i in mcp if i["type"] != "mcp_call"]
 
     def response(
         self, status: str, output: list[dict[str, Any]], usage: Any = None, finish: str | None = None, error: dict[str, Any] | None = None
