@@ -88,7 +88,7 @@ class MCPConnection:
             why = "the server is shutting down"
             raise
         except Exception as exc:  # noqa: BLE001 - the SDK reports a dead server as an exception group
-            why = f"the connection failed ({_first(exc)})"
+            why = f"the connection failed ({first_error(exc)})"
             log.warning("MCP server %s: %s", self.config.label, why)
         finally:
             # Nothing waits forever: calls in flight and those still queued fail now.
@@ -120,7 +120,7 @@ class MCPConnection:
         except Exception as exc:  # noqa: BLE001 - a transport failure: the connection is gone
             retire()
             if not future.done():
-                future.set_exception(MCPUnavailable(f"MCP server `{self.config.label}` failed during the call: {_first(exc)}"))
+                future.set_exception(MCPUnavailable(f"MCP server `{self.config.label}` failed during the call: {first_error(exc)}"))
         else:
             if not future.done():
                 future.set_result(result)
@@ -134,8 +134,9 @@ class MCPConnection:
                 await self._holder
 
 
-def _first(exc: BaseException) -> str:
-    """The first real error of an exception group, as one line."""
+def first_error(exc: BaseException) -> str:
+    """The first real error of an exception group (how the SDK reports a failed
+    connection), as one line."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"[:200]

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from server.errors import ConfigError
-from server.mcp.config import MCPServerConfig
-from server.mcp.connection import MCPConnection, MCPUnavailable, list_tools
+from server.mcp.config import MCPServerConfig, parse
+from server.mcp.connection import MCPConnection, MCPUnavailable, first_error, list_tools
 from server.toolcalls.registry import (
     Registry,
     Tool,
@@ -89,9 +89,10 @@ def add_mcp_servers(registry: Registry, configs: list[MCPServerConfig]) -> None:
     a message naming it) and adds them to the registry as the pack `mcp:<label>`."""
     if not configs:
         return
+    configs = parse(configs)  # labels unique: each is a pack and a scope
     for config, listing in zip(configs, _listings(configs), strict=True):
         if isinstance(listing, BaseException):
-            raise ConfigError(f"MCP server `{config.label}` could not be reached to list its tools: {_one_line(listing)}")
+            raise ConfigError(f"MCP server `{config.label}` could not be reached to list its tools: {first_error(listing)}")
         names = {t.name for t in listing}
         unknown = sorted(set(config.allowed_tools or []) - names) + sorted(set(config.destructive) - names)
         if unknown:
@@ -102,8 +103,3 @@ def add_mcp_servers(registry: Registry, configs: list[MCPServerConfig]) -> None:
         registry.connections[config.label] = connection
         log.info("MCP server %s: %s", config.label, ", ".join(t.name for t in kept))
 
-
-def _one_line(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"[:300]
