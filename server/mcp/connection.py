@@ -56,8 +56,9 @@ async def list_tools(config: MCPServerConfig) -> list[Any]:
 
 
 class MCPConnection:
-    def __init__(self, config: MCPServerConfig):
+    def __init__(self, config: MCPServerConfig, listed: dict[str, Any] | None = None):
         self.config = config
+        self.listed = listed or {}  # the server's own listing of the tools kept, by name
         self._jobs: asyncio.Queue | None = None
         self._holder: asyncio.Task | None = None
 

@@ -31,6 +31,7 @@ class HostedMCP:
     """The MCP servers of one Responses request: their tools, by server label."""
 
     tools: dict[str, list[Any]] = field(default_factory=dict)  # label → registry Tools offered
+    listed: dict[str, Any] = field(default_factory=dict)  # tool name → its server's listing
     list_ids: dict[str, str] = field(default_factory=dict)
 
     def label_of(self, tool_name: str) -> str | None:
@@ -40,9 +41,14 @@ class HostedMCP:
         out = []
         for label, tools in self.tools.items():
             item_id = self.list_ids.setdefault(label, new_id("mcp_list_tools"))
-            listed = [{"name": t.name, "description": t.description, "input_schema": t.parameters, "annotations": {"destructive_hint": t.destructive, "read_only_hint": t.idempotent and not t.destructive}} for t in tools]
+            listed = [{"name": t.name, "description": t.description, "input_schema": t.parameters, "annotations": self._annotations(t.name)} for t in tools]
             out.append({"id": item_id, "type": "mcp_list_tools", "server_label": label, "tools": listed, "error": None})
         return out
+
+    def _annotations(self, name: str) -> dict[str, Any] | None:
+        """The annotations the server itself listed for a tool (MCP's camelCase)."""
+        annotations = getattr(self.listed.get(name), "annotations", None)
+        return annotations.model_dump(by_alias=True, exclude_none=True, mode="json") if annotations is not None else None
 
     def call_items(self, server_calls: list[Any], pending: dict[str, Any] | None) -> list[dict[str, Any]]:
         """An `mcp_call` per call that ran, and the `mcp_approval_request` of a call that
@@ -164,6 +170,7 @@ def chat_tools(entry: dict[str, Any], i: int, registry: Any, hosted: HostedMCP) 
     else:
         raise InvalidRequestError(f'{where}.require_approval must be "always", "never" or a filter', param=f"{where}.require_approval")
     hosted.tools[label] = [offered[n] for n in names]
+    hosted.listed.update({n: connection.listed.get(n) for n in names})
     return [{"type": "server", "name": f"{connection.config.pack}.{n}", "confirm": n in confirmed} for n in names]
 
 

@@ -97,8 +97,8 @@ def add_mcp_servers(registry: Registry, configs: list[MCPServerConfig]) -> None:
         unknown = sorted(set(config.allowed_tools or []) - names) + sorted(set(config.destructive) - names)
         if unknown:
             raise ConfigError(f"MCP server `{config.label}` lists no tool named {', '.join(f'`{n}`' for n in unknown)}")
-        connection = MCPConnection(config)
         kept = [t for t in listing if config.allowed_tools is None or t.name in config.allowed_tools]
+        connection = MCPConnection(config, {t.name: t for t in kept})
         registry.add_pack(config.pack, [as_tool(config, t, connection) for t in sorted(kept, key=lambda t: t.name)])
         registry.connections[config.label] = connection
         log.info("MCP server %s: %s", config.label, ", ".join(t.name for t in kept))

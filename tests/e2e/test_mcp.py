@@ -16,8 +16,16 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2"
 
 
-def _named(name: str) -> dict:
-    return {"type": "function", "function": {"name": name}}
+def _forced(client: openai.OpenAI, text: str, server_tool: str, name: str, max_tokens: int):
+    """A chat turn that must call the server tool `name` (of the entry `server_tool`)."""
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": text}],
+        tools=[{"type": "server", "name": server_tool}],
+        tool_choice={"type": "function", "function": {"name": name}},
+        temperature=0,
+        max_tokens=max_tokens,
+    )
 
 
 def _audit(live_server, tool: str) -> list[tuple]:
@@ -30,40 +38,27 @@ def _deleted(mcp_servers) -> list[str]:
 
 
 def test_an_mcp_servers_tool_is_called_from_chat_completions_and_its_result_answers(client, live_server):
-    out = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "How long is the warranty on the dock?"}],
-        tools=[{"type": "server", "name": "mcp:articles"}],
-        tool_choice=_named("lookup_article"),
-        temperature=0,
-        max_tokens=60,
-    )
+    out = _forced(client, "How long is the warranty on the dock?", "mcp:articles", "lookup_article", 60)
     calls = out.model_extra["server_tool_calls"]
     assert [(c["name"], c["status"]) for c in calls][:1] == [("lookup_article", "ok")], calls
     assert json.loads(calls[0]["arguments"])["topic"]
     assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content
     assert _audit(live_server, "lookup_article")[-1][1] == "ok"
-    assert "tool-call constraints ready" in live_server.log_path.read_text()
+    # Its constraint was compiled before ready, as a pack's is.
+    ready = next(line for line in live_server.log_path.read_text().splitlines() if "tool-call constraints ready" in line)
+    assert "mcp:articles" in ready and "mcp:notes" in ready
 
 
-def test_a_destructive_mcp_tool_waits_for_confirmation_and_runs_exactly_once(live_server, mcp_servers):
-    notes = openai.OpenAI(base_url=live_server.base_url, api_key=live_server.key, max_retries=0, timeout=120)
-    asked = notes.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Delete my note N-77, please."}],
-        tools=[{"type": "server", "name": "mcp:notes.delete_note"}],
-        tool_choice=_named("delete_note"),
-        temperature=0,
-        max_tokens=60,
-    )
+def test_a_destructive_mcp_tool_waits_for_confirmation_and_runs_exactly_once(client, live_server, mcp_servers):
+    asked = _forced(client, "Delete my note N-77, please.", "mcp:notes.delete_note", "delete_note", 60)
     action = asked.model_extra["pending_action"]
     assert action and action["status"] == "pending" and action["tool"] == "delete_note", asked.model_dump()
     assert _deleted(mcp_servers).count(action["arguments"]["note_id"]) == 0  # nothing on the model's say-so
     history = [{"role": "user", "content": "Delete my note N-77."}, {"role": "assistant", "content": asked.choices[0].message.content}, {"role": "user", "content": "Yes, go ahead."}]
-    done = notes.chat.completions.create(model=MODEL, messages=history, tools=[{"type": "server", "name": "mcp:notes"}], temperature=0, max_tokens=40)
+    done = client.chat.completions.create(model=MODEL, messages=history, tools=[{"type": "server", "name": "mcp:notes"}], temperature=0, max_tokens=40)
     assert done.model_extra["pending_action"]["status"] == "succeeded", done.model_dump()
     # The same "yes" replayed, and an operator's approval after it: no second run.
-    again = notes.chat.completions.create(model=MODEL, messages=history, tools=[{"type": "server", "name": "mcp:notes"}], temperature=0, max_tokens=40)
+    again = client.chat.completions.create(model=MODEL, messages=history, tools=[{"type": "server", "name": "mcp:notes"}], temperature=0, max_tokens=40)
     assert again.model_extra["pending_action"]["status"] == "succeeded"
     reply = httpx.post(f"{live_server.root}/v1/actions/{action['id']}/approve", headers=live_server.headers(live_server.keys["operator"]), timeout=60)
     assert reply.status_code == 200 and reply.json()["status"] == "succeeded"
@@ -72,26 +67,12 @@ def test_a_destructive_mcp_tool_waits_for_confirmation_and_runs_exactly_once(liv
 
 
 def test_an_mcp_server_that_dies_mid_call_gives_the_model_an_error_not_a_500(client):
-    out = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Restart the help-centre index."}],
-        tools=[{"type": "server", "name": "mcp:notes.crash_server"}],
-        tool_choice=_named("crash_server"),
-        temperature=0,
-        max_tokens=40,
-    )
+    out = _forced(client, "Restart the help-centre index.", "mcp:notes.crash_server", "crash_server", 40)
     call = out.model_extra["server_tool_calls"][0]
     assert call["status"] == "error" and "MCP server `notes`" in json.loads(call["output"])["error"], call
     assert out.choices[0].finish_reason in ("stop", "length")
     # The next call starts the server again.
-    later = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Delete note N-1."}],
-        tools=[{"type": "server", "name": "mcp:notes.delete_note"}],
-        tool_choice=_named("delete_note"),
-        temperature=0,
-        max_tokens=40,
-    )
+    later = _forced(client, "Delete note N-1.", "mcp:notes.delete_note", "delete_note", 40)
     assert later.model_extra["pending_action"]["status"] == "pending"
 
 
@@ -119,6 +100,7 @@ def test_the_responses_mcp_tool_lists_the_servers_tools_and_returns_its_calls(cl
     assert kinds[0] == "mcp_list_tools" and kinds.index("mcp_call") < kinds.index("message"), kinds
     listed = out.output[0]
     assert listed.server_label == "articles" and [t.name for t in listed.tools] == ["lookup_article"]
+    assert listed.tools[0].annotations == {"readOnlyHint": True}  # as the server itself listed it
     call = next(i for i in out.output if i.type == "mcp_call")
     assert (call.server_label, call.name, call.error) == ("articles", "lookup_article", None) and call.output
     # Streamed: the same items, as output_item events.

@@ -48,15 +48,14 @@ FREE_TEXT = {
 }
 
 
-@pytest.mark.parametrize("max_tokens", [40, 64])
-def test_a_call_with_free_text_closes_within_max_tokens(client, max_tokens):
-    """An unbounded string used to run until max_tokens cut it, as unterminated JSON."""
-    tools = [{"type": "function", "function": {"name": "file_report", "description": "File a detailed incident report.", "parameters": FREE_TEXT}}]
+def _sized_call_closes(client, name: str, description: str, schema: dict, message: str, max_tokens: int) -> None:
+    """A named call to `schema` closes within max_tokens, its arguments valid."""
+    tools = [{"type": "function", "function": {"name": name, "description": description, "parameters": schema}}]
     out = client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "Write a long, detailed incident report about everything that went wrong with my broken dock, in full."}],
+        messages=[{"role": "user", "content": message}],
         tools=tools,
-        tool_choice={"type": "function", "function": {"name": "file_report"}},
+        tool_choice={"type": "function", "function": {"name": name}},
         temperature=0,
         max_tokens=max_tokens,
     )
@@ -64,7 +63,14 @@ def test_a_call_with_free_text_closes_within_max_tokens(client, max_tokens):
     assert choice.finish_reason == "tool_calls", choice
     assert out.usage.completion_tokens <= max_tokens
     for call in choice.message.tool_calls:
-        jsonschema.validate(json.loads(call.function.arguments), FREE_TEXT)
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64])
+def test_a_call_with_free_text_closes_within_max_tokens(client, max_tokens):
+    """An unbounded string used to run until max_tokens cut it, as unterminated JSON."""
+    message = "Write a long, detailed incident report about everything that went wrong with my broken dock, in full."
+    _sized_call_closes(client, "file_report", "File a detailed incident report.", FREE_TEXT, message, max_tokens)
 
 
 ORDER = {
@@ -85,21 +91,8 @@ ORDER = {
 @pytest.mark.parametrize("max_tokens", [72, 120])
 def test_a_call_with_nested_free_text_closes_within_max_tokens(client, max_tokens):
     """The issue's case: an array of objects with free strings came back cut mid-string."""
-    tools = [{"type": "function", "function": {"name": "place_order", "description": "Place an order of several items.", "parameters": ORDER}}]
     message = "Order for Alexandra Montgomery-Fitzwilliam: twelve items, each with a long gift note, " + ", ".join(f"SKU-{i:04d}" for i in range(12))
-    out = client.chat.completions.create(
-        model="smollm2",
-        messages=[{"role": "user", "content": message}],
-        tools=tools,
-        tool_choice={"type": "function", "function": {"name": "place_order"}},
-        temperature=0,
-        max_tokens=max_tokens,
-    )
-    choice = out.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
-    assert out.usage.completion_tokens <= max_tokens
-    for call in choice.message.tool_calls:
-        jsonschema.validate(json.loads(call.function.arguments), ORDER)
+    _sized_call_closes(client, "place_order", "Place an order of several items.", ORDER, message, max_tokens)
 
 
 OPEN = {
