@@ -21,6 +21,9 @@ from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine as Database
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.agents.config import AgentConfig, load_agents
+from server.agents.director import AgentDirector
+from server.agents.handoff import HandoffDecider
 from server.auth import KeyStore, authorize
 from server.checkpoints import verify
 from server.config import Settings
@@ -82,6 +85,9 @@ from server.toolcalls.registry import Registry
 from server.toolcalls.shortlist import Shortlister, ShortlistPolicy
 from server.turn.pipeline import ChatServing
 from server.turn.source_answer import source_answers_on
+from server.workflows.config import load_workflows
+from server.workflows.runner import WorkflowDirector
+from server.workflows.store import WorkflowStore
 
 log = logging.getLogger("enclave")
 
@@ -131,6 +137,8 @@ class Runtime:
         self.models = ModelRegistry(settings.embedding_model_name, self.started)
         self.forgetter = Forgetter(db, memory.episodic, tracing, memory.cache) if memory is not None and db is not None else None
         self.ingest: IngestWorker | None = None
+        self.agents: AgentDirector | None = None  # the deployment's agents, when it declares any
+        self.workflows: WorkflowDirector | None = None  # and its workflows
         self._warming: asyncio.Task | None = None  # precompiling after an engine restart
 
     @property
@@ -244,6 +252,18 @@ class Runtime:
             self.settings.tool_grounding,
             (self.embedder_handle, self.settings.source_answer_policy) if source_answers_on(self.settings.source_answers, profile and profile.tier) else None,
         )
+
+    def agent_serving(self, agent: AgentConfig) -> ChatServing:
+        """The serving an agent runs on: its routing tier's, its model's, else the served model's."""
+        primary = self.require_chat()
+        if agent.tier is not None and self.router is not None:
+            return self.router.serving(agent.tier)  # type: ignore[return-value]
+        if agent.model is not None:
+            serving = self.models.serving_for(agent.model)
+            if serving is None:
+                raise ServiceUnavailableError(f"the model {agent.model!r} of agent {agent.name} is not served here")
+            return serving
+        return primary
 
     def require_chat(self) -> ChatServing:
         if self.chat is None:
@@ -415,6 +435,19 @@ def tier_profiles(settings: Settings, primary: ModelProfile) -> list[tuple[Model
     return out
 
 
+def check_agent_models(agents: dict[str, AgentConfig], settings: Settings, profile: ModelProfile | None) -> None:
+    """Each agent's tier is a routing tier, its model one this server loads."""
+    routing = settings.routing
+    served = set(profile.served_names) if profile is not None else set()
+    served |= set(routing.tiers.values()) if routing is not None else set()
+    for agent in agents.values():
+        if agent.tier is not None and (routing is None or agent.tier not in routing.tiers):
+            tiers = ", ".join(routing.tiers) if routing is not None else "none: routing is not configured"
+            raise ConfigError(f"agent {agent.name}: tier {agent.tier!r} is not a routing tier (tiers: {tiers})")
+        if agent.model is not None and profile is not None and agent.model not in served:
+            raise ConfigError(f"agent {agent.name}: model {agent.model!r} is not served here (served: {', '.join(sorted(served))})")
+
+
 def check_route_scopes(app: FastAPI) -> None:
     """Refuse to start with a route that has no line in server.scopes.ROUTE_SCOPES, or
     that would not pass `authorize` at all."""
@@ -471,6 +504,20 @@ def create_app(
         runtime.models.expected = (runtime.profile.served_names, runtime.profile.context_length)
         runtime.checkpoint = verify(runtime.profile, settings.models_dir)
         runtime.tier_profiles = tier_profiles(settings, runtime.profile)
+    workflows = load_workflows(deployment.path)
+    agents = load_agents(deployment.path)
+    if workflows:
+        runtime.workflows = WorkflowDirector(workflows, WorkflowStore(db), executor)
+        runtime.workflows.check(agents)
+        runtime.models.workflows = workflows
+    if agents:
+        check_agent_models(agents, settings, runtime.profile)
+        decider = HandoffDecider(agents, runtime.shortlister or Shortlister(embedder_handle, ShortlistPolicy()), workflows)
+        conversations = memory_services.conversations if memory_services else None
+        runtime.agents = AgentDirector(agents, decider, registry, conversations, runtime.workflows)
+        runtime.agents.check_tools()
+        runtime.agents.check_workflows()
+        runtime.models.agents = agents
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

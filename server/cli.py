@@ -210,6 +210,8 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.telemetry.cost import GROUPS
+
     parser = argparse.ArgumentParser(prog="enclave", description="Self-hosted OpenAI-compatible assistant server.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file (keys as in ENCLAVE_* without the prefix)")
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces.set_defaults(func=cmd_traces)
 
     usage = sub.add_parser("usage", parents=[common], help="usage and cost from the local store")
-    usage.add_argument("--group-by", default="tenant", choices=["request", "conversation", "key", "tenant", "user", "model"])
+    usage.add_argument("--group-by", default="tenant", choices=list(GROUPS))
     usage.add_argument("--tenant", help="only this tenant")
     usage.set_defaults(func=cmd_usage)
 

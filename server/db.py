@@ -100,6 +100,47 @@ usage_records = Table(
     Index("ix_usage_tenant", "tenant", "at"),
 )
 
+# A turn run by agents (`agent:<name>`), split by agent: the handoff decisions each made
+# and the answer of the one that took the turn. Totals equal the turn's usage row.
+agent_usage = Table(
+    "agent_usage",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("agent", String(64), primary_key=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("key_id", String(64)),
+    Column("conversation_id", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("engine_seconds", Float, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Index("ix_agent_usage_tenant", "tenant", "at"),
+)
+
+# A workflow's run in one conversation (server/workflows): its typed state, the node it
+# is on and its status. Written after every node, so a run paused for the user resumes
+# on any replica, after a restart; `version` makes two replicas resuming it at once
+# conflict instead of both running the node.
+workflow_runs = Table(
+    "workflow_runs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("conversation_id", String(64), nullable=False),
+    Column("workflow", String(64), nullable=False),
+    Column("node", String(64), nullable=False),
+    Column("status", String(32), nullable=False),  # running | waiting | completed | declined | handed_off | failed
+    Column("state", Text, nullable=False),
+    Column("action_id", String(64)),  # the pending action a confirm node waits on
+    Column("version", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_workflow_runs_conversation", "tenant", "user", "conversation_id", "workflow"),
+)
+
 # Per-key spend against its budget, and the holds of requests in progress. A request is
 # admitted in one transaction that locks its key's row, drops expired holds and adds its
 # own only if spent + held + its hold stays within the limit: concurrent requests (and
@@ -166,6 +207,9 @@ turns = Table(
     Column("tenant", String(128), nullable=False),
     Column("user", String(128), nullable=False),
     Column("model", String(128)),
+    # The agent that answered it (a turn asked for as `agent:<name>`): the next turn of
+    # the branch starts with it.
+    Column("agent", String(64)),
     Column("created_at", Float, nullable=False),
     # Chat-shaped messages this turn added (new input, then the assistant's answer):
     # what the context window replays.

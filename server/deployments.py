@@ -9,6 +9,8 @@ A deployment is a directory, deployments/<name>/, holding:
   config.yml replaces the base's values key by key (mappings merge, lists are replaced
   whole, so a deployment states each stage's complete list of flows); its flows.co
   replaces the base's flows and bot messages of the same name (the refusal voice).
+* `agents/` and `workflows/` (optional): one YAML file each, served as the models
+  `agent:<name>` and `workflow:<name>` (server/agents, server/workflows; `load_named`).
 
 `general` (the default) is a general-purpose assistant: every safety rail, no topic
 scoping, no tool pack. `support` is the customer-support desk. Operators add their own
@@ -20,13 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ConfigError
-
 
 # A plain directory name: no path separators, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -59,6 +60,28 @@ class Deployment:
     def rails_dir(self) -> Path | None:
         rails = self.path / "rails"
         return rails if rails.is_dir() else None
+
+
+Named = TypeVar("Named", bound=BaseModel)
+
+
+def load_named(deployment_dir: Path, folder: str, model: type[Named], what: str) -> dict[str, Named]:
+    """The things a deployment declares one YAML file each in `folder/` (its agents, its
+    workflows), by their `name`; none without the folder. ConfigError naming the file
+    for anything wrong."""
+    out: dict[str, Named] = {}
+    if not (deployment_dir / folder).is_dir():
+        return out
+    for path in sorted((deployment_dir / folder).glob("*.yaml")):
+        try:
+            item = model.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise ConfigError(f"{what} file {path.name} (deployment {deployment_dir.name}) is invalid: {exc}") from None
+        name = item.name  # type: ignore[attr-defined]
+        if name in out:
+            raise ConfigError(f"{what} file {path.name}: a {what} named {name!r} is declared twice")
+        out[name] = item
+    return out
 
 
 def available(deployments_dir: Path) -> list[str]:

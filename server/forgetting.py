@@ -26,6 +26,7 @@ from server.telemetry.cost import UsageLedger
 from server.telemetry.tracing import TraceStore
 from server.toolcalls.audit import ToolAudit
 from server.toolcalls.executor import Executor
+from server.workflows.store import WorkflowStore
 
 Forget = Callable[[Connection, str, str], dict[str, int]]
 
@@ -38,6 +39,7 @@ STORES: tuple[Forget, ...] = (
     TraceStore.forget,
     UsageLedger.forget,
     ResponseCache.forget,
+    WorkflowStore.forget,
 )
 
 

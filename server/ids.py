@@ -26,6 +26,7 @@ PREFIXES = {
     "cached_response": "rc_",
     "mcp_list_tools": "mcpl_",
     "mcp_approval_response": "mcpr_",
+    "workflow_run": "wfr_",
 }
 
 

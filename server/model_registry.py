@@ -7,9 +7,11 @@ name. /v1/models lists what is here, and a turn's model name is resolved here.
 
 from __future__ import annotations
 
+from server.agents.config import AgentConfig
 from server.protocol import ModelCard
 from server.routing import ModelRouter
 from server.turn.pipeline import ChatServing
+from server.workflows.config import WorkflowConfig
 
 
 class ModelRegistry:
@@ -20,6 +22,8 @@ class ModelRegistry:
         self.router: ModelRouter | None = None  # when routing is configured
         # Before loading: what the served profile says (name, aliases, window).
         self.expected: tuple[list[str], int | None] = ([], None)
+        self.agents: dict[str, AgentConfig] = {}  # the deployment's, served as `agent:<name>`
+        self.workflows: dict[str, WorkflowConfig] = {}  # and as `workflow:<name>`
 
     def add(self, serving: ChatServing) -> None:
         self.servings[serving.model] = serving
@@ -44,6 +48,11 @@ class ModelRegistry:
             # The alias's window is the smallest of its tiers': a request that fits it fits all.
             windows = [card.max_model_len for card in cards if card.max_model_len and card.root in self.router.config.tiers.values()]
             cards.append(ModelCard(id=self.router.alias, created=self.created, root=self.router.alias, max_model_len=min(windows) if windows else None))
+        for agent in self.agents.values():
+            root = agent.model or (self.router.config.tiers.get(agent.tier or "") if self.router is not None else None) or (cards[0].root if cards else None)
+            cards.append(ModelCard(id=agent.model_id, created=self.created, root=root, kind="agent"))
+        primary = cards[0].root if cards else None
+        cards += [ModelCard(id=w.model_id, created=self.created, root=primary, kind="workflow") for w in self.workflows.values()]
         if self.embedding_name:
             cards.append(ModelCard(id=self.embedding_name, created=self.created, root=self.embedding_name, kind="embedding"))
         return cards

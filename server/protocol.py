@@ -351,6 +351,16 @@ class ChatCompletion(BaseModel):
     # similarity, the model's probability when it chose), which was chosen, and whether
     # the answer was built from one (server/turn/source_answer.py); null when not tried.
     source_answer: dict[str, Any] | None = None
+    # --- extensions: agents ---
+    # For a turn asked for as `agent:<name>`: the agent asked, the one that answered,
+    # whether it held the conversation, each handoff decision, the tools it brought, and
+    # (once settled) usage per agent (server/agents).
+    agent: dict[str, Any] | None = None
+    # --- extensions: workflows ---
+    # For a turn asked for as `workflow:<name>`: the nodes this turn ran (`path`),
+    # whether it resumed a paused run, and the run (id, node, status, typed state)
+    # (server/workflows).
+    workflow: dict[str, Any] | None = None
 
 
 def logprobs_out(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
@@ -487,7 +497,7 @@ class ModelCard(BaseModel):
     # --- extensions ---
     root: str | None = None
     max_model_len: int | None = None
-    kind: Literal["chat", "embedding"] = "chat"
+    kind: Literal["chat", "embedding", "agent", "workflow"] = "chat"
 
 
 class ModelList(BaseModel):

@@ -21,6 +21,7 @@ from server.memory.context import ContextRequest
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.telemetry.redaction import mask_pii
 from server.toolcalls.format import call_text
+from server.turn.actor import Actor
 from server.turn.encoders.responses import final
 from server.turn.encoders.responses_shape import ResponseShape
 from server.turn.events import Choice
@@ -194,8 +195,12 @@ def chat_request(req: ResponsesRequest, tools: list[dict[str, Any]] | None, tool
         raise InvalidRequestError(f"invalid request: {exc}", param="text") from None
 
 
-async def prepare(chat: ChatServing, req: ResponsesRequest, started: float, principal: Principal) -> tuple[Turn, ResponseShape]:
-    """The turn of a Responses request, and the shape its response will take."""
+async def prepare(chat: ChatServing, req: ResponsesRequest, started: float, principal: Principal, actor: Actor | None = None) -> tuple[Turn, ResponseShape]:
+    """The turn of a Responses request (run by `actor`, when it is asked for as an agent
+    or a workflow), and the shape its response will take."""
+    asked = req  # what the response echoes: never an agent's instructions or tools
+    if actor is not None:
+        req = actor.responses_request(req, chat.served_names[0])
     memory = chat.memory
     if memory is None:
         raise InvalidRequestError("the Responses API needs the memory services, which are not enabled")
@@ -209,11 +214,13 @@ async def prepare(chat: ChatServing, req: ResponsesRequest, started: float, prin
         thread = await asyncio.to_thread(memory.conversations.thread, principal, conversation=conversation, previous_response_id=req.previous_response_id)
     instructions = "\n\n".join(x for x in [req.instructions or "", system_in_input] if x)
     ctx = ContextRequest(instructions, new_messages, thread, store=req.store, vector_store_ids=stores, max_results=max_results)
+    if actor is not None:
+        actor.shape_context(ctx)
     response_id = new_id("response")
-    turn = await chat.prepare_stateful(request, started, principal, ctx, request_id=response_id)
+    turn = await chat.prepare_stateful(request, started, principal, ctx, request_id=response_id, actor=actor)
     if chat.guard is not None:
         input_items = _masked_items(input_items)  # personal data masked, as the model saw it
-    shape = ResponseShape(req, ctx, response_id, chat.model, hosted, turn.report)
+    shape = ResponseShape(asked, ctx, response_id, chat.model, hosted, turn.report)
 
     def stored_as(answer: Choice, usage: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return final(chat, turn, shape, shape.output(answer), usage, answer.finish_reason), input_items

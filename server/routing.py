@@ -163,6 +163,7 @@ class RouteRequest:
     conversation: str | None = None  # the client's conversation name
     previous_response_id: str | None = None
     failed_tool_result: bool = False
+    stored: bool = False  # the turn is stored in a conversation (what a workflow needs)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

@@ -40,6 +40,7 @@ class ContextRequest:
     memory: bool = True
     vector_store_ids: list[str] = field(default_factory=list)
     max_results: int = 4  # sources per turn (the file_search tool's max_num_results)
+    agent: str | None = None  # the agent answering (`agent:<name>`), stored with the turn
     # The tokens kept free for the answer (set by the turn's context stage, kept for a
     # re-assembly). Then filled in by `assemble`:
     reserve: int = 0
@@ -148,7 +149,7 @@ class MemoryServices:
             return
         summary = ctx.window.new_summary if ctx.window else None
         await asyncio.to_thread(
-            self.conversations.save_turn, principal, ctx.thread, turn_id, model, [*ctx.new_messages, answer], response, input_items, summary
+            self.conversations.save_turn, principal, ctx.thread, turn_id, model, [*ctx.new_messages, answer], response, input_items, summary, ctx.agent
         )
         if ctx.memory and ctx.query:
             with tracing.span("memory write", enclave__memory__store="episodic_memory", gen_ai__conversation__id=ctx.thread.conversation_id) as span:

@@ -92,6 +92,20 @@ class ConversationStore:
             )
         return conv_id
 
+    def holder(self, principal: Principal, conversation: str | None, previous_response_id: str | None) -> tuple[str | None, str | None]:
+        """(the agent or workflow that answered the turn a new one continues from (the
+        response it names, else the conversation's head), that turn's conversation id);
+        Nones for anything unknown (the turn itself reports unknown ids)."""
+        t, c = turns.c, conversations.c
+        owner = (t.tenant == principal.tenant) & (t.user == principal.user)
+        with self.db.connect() as conn:
+            if previous_response_id:
+                row = conn.execute(select(t.agent, t.conversation_id).where(owner, t.id == previous_response_id)).first()
+            else:
+                head = select(c.head).where(c.tenant == principal.tenant, c.user == principal.user, or_(c.id == conversation, c.name == conversation))
+                row = conn.execute(select(t.agent, t.conversation_id).where(owner, t.id == head.scalar_subquery())).first()
+        return (row.agent, row.conversation_id) if row is not None else (None, None)
+
     # ---------------------------------------------------------------- history
 
     def history(self, thread: Thread) -> History:
@@ -128,6 +142,7 @@ class ConversationStore:
         response: dict[str, Any] | None = None,
         input_items: list[dict[str, Any]] | None = None,
         summary: tuple[str, int] | None = None,
+        agent: str | None = None,
     ) -> None:
         with self.db.begin() as conn:
             conn.execute(
@@ -139,6 +154,7 @@ class ConversationStore:
                     tenant=principal.tenant,
                     user=principal.user,
                     model=model,
+                    agent=agent,
                     created_at=time.time(),
                     messages=json.dumps(messages, ensure_ascii=False),
                     response=json.dumps(response, ensure_ascii=False) if response is not None else None,

@@ -11,6 +11,7 @@ from server.auth import Principal, authorize
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from server.routing import RouteRequest, has_failed_tool_result, last_user_text
 from server.toolcalls.spec import declares_server_tools
+from server.turn.actor import Actor
 from server.turn.dispatch import dispatch
 from server.turn.encoders import chat
 from server.turn.ledger import Admission
@@ -25,7 +26,7 @@ class ChatCompletions:
 
     def route_request(self, body: ChatCompletionRequest) -> RouteRequest:
         said = [{"role": m.role, "content": m.content} for m in body.messages]
-        return RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said))
+        return RouteRequest(last_user_text(said), body.conversation, None, has_failed_tool_result(said), stored=bool(body.conversation))
 
     def admission(self, body: ChatCompletionRequest) -> Admission:
         max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -34,12 +35,16 @@ class ChatCompletions:
     def with_model(self, body: ChatCompletionRequest, model: str) -> ChatCompletionRequest:
         return body.model_copy(update={"model": model})
 
-    async def prepare(self, serving: ChatServing, body: ChatCompletionRequest, started: float, principal: Principal) -> tuple[Turn, None]:
+    async def prepare(self, serving: ChatServing, body: ChatCompletionRequest, started: float, principal: Principal, actor: Actor | None = None) -> tuple[Turn, None]:
+        if actor is not None:
+            body = actor.chat_request(body, serving.served_names[0])
         memory = serving.memory
         ctx = await memory.for_chat(body, principal) if memory is not None else None
         if ctx is not None:
-            return await serving.prepare_stateful(body, started, principal, ctx), None
-        return await serving.prepare(body, started, principal), None
+            if actor is not None:
+                actor.shape_context(ctx)
+            return await serving.prepare_stateful(body, started, principal, ctx, actor=actor), None
+        return await serving.prepare(body, started, principal, actor), None
 
     async def complete(self, serving: ChatServing, turn: Turn, shape: None) -> ChatCompletion:
         return await chat.complete(serving, turn)

@@ -14,6 +14,7 @@ from server.auth import Principal, authorize
 from server.protocol import ErrorResponse, ResponsesRequest
 from server.routing import RouteRequest, has_failed_tool_result, last_user_text
 from server.toolcalls.spec import declares_server_tools
+from server.turn.actor import Actor
 from server.turn.dispatch import dispatch
 from server.turn.encoders import responses as encoder
 from server.turn.encoders.responses_shape import ResponseShape
@@ -31,7 +32,7 @@ class Responses:
 
     def route_request(self, body: ResponsesRequest) -> RouteRequest:
         said = responses.said(body)
-        return RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said))
+        return RouteRequest(last_user_text(said), body.conversation_name(), body.previous_response_id, has_failed_tool_result(said), stored=body.store)
 
     def admission(self, body: ResponsesRequest) -> Admission:
         return Admission(self.name, body.model, body.max_output_tokens, declares_server_tools(body.tools))
@@ -39,8 +40,8 @@ class Responses:
     def with_model(self, body: ResponsesRequest, model: str) -> ResponsesRequest:
         return body.model_copy(update={"model": model})
 
-    async def prepare(self, serving: ChatServing, body: ResponsesRequest, started: float, principal: Principal) -> tuple[Turn, ResponseShape]:
-        return await responses.prepare(serving, body, started, principal)
+    async def prepare(self, serving: ChatServing, body: ResponsesRequest, started: float, principal: Principal, actor: Actor | None = None) -> tuple[Turn, ResponseShape]:
+        return await responses.prepare(serving, body, started, principal, actor)
 
     async def complete(self, serving: ChatServing, turn: Turn, shape: ResponseShape) -> dict[str, Any]:
         return await encoder.complete(serving, turn, shape)

@@ -15,7 +15,7 @@ from server.telemetry.cost import GROUPS
 router = APIRouter(prefix="/v1")
 
 
-@router.get("/usage", responses={400: {"model": ErrorResponse}}, summary="Usage and cost, grouped by request, conversation, key, tenant, user or model.")
+@router.get("/usage", responses={400: {"model": ErrorResponse}}, summary="Usage and cost, grouped by request, conversation, key, tenant, user, model or agent.")
 async def get_usage(
     request: Request,
     group_by: str = Query("key"),

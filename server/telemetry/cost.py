@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 
-from server.db import budget_holds, key_budgets, usage_records
+from server.db import agent_usage, budget_holds, key_budgets, usage_records
 from server.errors import InsufficientQuotaError
 
 FORGOTTEN = "[forgotten]"  # who a forgotten user's usage rows name
@@ -156,18 +156,25 @@ _GROUPS = {
     "user": usage_records.c.user,
     "model": usage_records.c.model,
 }
-GROUPS = tuple(_GROUPS)
+# Per agent, from the agent rows: a turn that two agents worked on counts for each.
+GROUPS = (*_GROUPS, "agent")
 
 
 class UsageLedger:
-    """One row per turn; GET /v1/usage sums them by request, conversation, key or tenant."""
+    """One row per turn, and one per agent of a turn run by agents; GET /v1/usage sums
+    them by request, conversation, key, tenant, user, model or agent."""
 
     def __init__(self, db: Database):
         self.db = db
 
-    def record(self, row: dict[str, Any]) -> None:
+    def record(self, row: dict[str, Any], agents: list[dict[str, Any]] | None = None) -> None:
+        """The turn's row and its agents' rows (their `agent`, tokens, engine seconds
+        and cost; the rest is the turn's), in one transaction."""
+        shared = {k: row[k] for k in ("request_id", "at", "tenant", "user", "key_id", "conversation_id")}
         with self.db.begin() as conn:
             conn.execute(insert(usage_records).values(**row))
+            if agents:
+                conn.execute(insert(agent_usage), [{**shared, **a} for a in agents])
 
     def last_turn(self, conversation_id: str) -> tuple[str, str] | None:
         """(request id, model) of a conversation's latest turn."""
@@ -179,11 +186,12 @@ class UsageLedger:
     @staticmethod
     def forget(conn: Connection, tenant: str, user: str) -> dict[str, int]:
         """Usage stays (spend per key and tenant must still add up) but no longer names the user."""
-        conn.execute(update(usage_records).where(usage_records.c.tenant == tenant, usage_records.c.user == user).values(user=FORGOTTEN))
+        for table in (usage_records, agent_usage):
+            conn.execute(update(table).where(table.c.tenant == tenant, table.c.user == user).values(user=FORGOTTEN))
         return {}
 
     def summary(self, group_by: str, tenant: str | None, start: float | None = None, end: float | None = None, limit: int = 100) -> dict[str, Any]:
-        u = usage_records.c
+        u = (agent_usage if group_by == "agent" else usage_records).c
         where = []
         if tenant is not None:
             where.append(u.tenant == tenant)
@@ -198,7 +206,7 @@ class UsageLedger:
             func.sum(u.engine_seconds).label("engine_seconds"),
             func.sum(u.cost_usd).label("cost_usd"),
         )
-        key = _GROUPS[group_by]
+        key = u.agent if group_by == "agent" else _GROUPS[group_by]
         # A user name is only unique within its tenant: users are keyed by both.
         grouped = (u.tenant, key) if group_by == "user" else (key,)
         with self.db.connect() as conn:
@@ -262,13 +270,17 @@ class Accounting:
             )
         charge.ceiling_seconds, charge.hold_usd, charge.hold_id = seconds, usd, hold_id
 
-    def settle(self, key_id: str | None, charge: Charge, row: dict[str, Any]) -> float:
-        """Record the turn and release its hold; returns its cost. Blocking (SQL)."""
+    def settle(self, key_id: str | None, charge: Charge, row: dict[str, Any], agents: list[dict[str, Any]] | None = None) -> float:
+        """Record the turn (and its `agents`' shares: each with its engine seconds, its
+        cost set here) and release its hold; returns its cost. Blocking (SQL)."""
         usd = cost_usd(charge.engine_seconds, self.cost_per_hour)
         if charge.hold_usd:
             usd = min(usd, charge.hold_usd)  # the ceiling already bounds it; this drops float dust
         row = {**row, "engine_seconds": charge.engine_seconds, "cost_usd": usd}
-        self.ledger.record(row)
+        for a in agents or []:
+            # The turn's cost in proportion to engine time: the shares add up to it.
+            a["cost_usd"] = usd * a["engine_seconds"] / charge.engine_seconds if charge.engine_seconds > 0 else 0.0
+        self.ledger.record(row, agents)
         if charge.hold_id is not None and key_id is not None:
             self.budgets.settle(key_id, charge.hold_id, usd)
         completion = row.get("completion_tokens") or 0

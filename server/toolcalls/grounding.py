@@ -108,7 +108,7 @@ def _number_values(node: dict[str, Any], text: str) -> list[int | float]:
     return _distinct(out)
 
 
-_CATCH_ALL = {"other", "others", "unknown", "none", "unspecified", "misc", "general"}
+CATCH_ALL = {"other", "others", "unknown", "none", "unspecified", "misc", "general"}
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -129,11 +129,11 @@ def _enum_values(node: dict[str, Any], text: str) -> list[Any]:
     matched = [
         m
         for m in members
-        if m.lower() not in _CATCH_ALL and (words := _WORD.findall(m.lower())) and all(any(_same_word(w, x) for w in said) for x in words)
+        if m.lower() not in CATCH_ALL and (words := _WORD.findall(m.lower())) and all(any(_same_word(w, x) for w in said) for x in words)
     ]
     if not matched:
         return []
-    return [m for m in members if m in matched or m.lower() in _CATCH_ALL]
+    return [m for m in members if m in matched or m.lower() in CATCH_ALL]
 
 
 def candidates(node: Any, text: str) -> list[Any]:

@@ -1,8 +1,10 @@
 """The dispatcher: every turn-running route's one way in.
 
-It picks the serving (by model name, or by the router for the routing alias), opens the
-turn's ledger (trace and budget hold) before anything runs, has the API prepare the turn,
-and answers with the API's encoder. A routed turn whose tier turned out to be down before
+It picks the serving (by model name, by the router for the routing alias, by the agent
+for `agent:<name>`), opens the turn's ledger (trace and budget hold) before anything
+runs, lets the agent stage choose who runs an agent's turn (server/agents/director.py),
+has the API prepare the turn (with the agent or workflow that runs it: its actor), and
+answers with the API's encoder. A routed turn whose tier turned out to be down before
 anything of the turn ran (every upstream refused its first model call; that marked them
 down) runs once more where the router now sends it, so clients see the fallback rather
 than a 503 in the seconds before a health probe would.
@@ -19,10 +21,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.agents.config import AgentConfig
 from server.auth import Principal
 from server.errors import ServiceUnavailableError
 from server.routing import Decision, RouteRequest
 from server.telemetry import tracing
+from server.turn.actor import Actor
 from server.turn.ledger import Admission, TurnLedger
 from server.turn.pipeline import ChatServing
 from server.turn.state import Turn
@@ -46,7 +50,7 @@ class TurnAPI(Protocol, Generic[Body, Shape]):
 
     def with_model(self, body: Body, model: str) -> Body: ...
 
-    async def prepare(self, serving: ChatServing, body: Body, started: float, principal: Principal) -> tuple[Turn, Shape]: ...
+    async def prepare(self, serving: ChatServing, body: Body, started: float, principal: Principal, actor: Actor | None = None) -> tuple[Turn, Shape]: ...
 
     async def complete(self, serving: ChatServing, turn: Turn, shape: Shape) -> Any: ...
 
@@ -72,6 +76,12 @@ class _Attempt:
 async def dispatch(request: Request, principal: Principal, body: Any, api: TurnAPI, model: str, stream: bool) -> Response:
     started = time.perf_counter()
     runtime = request.app.state.runtime
+    if runtime.agents is not None and runtime.agents.is_agent(model):
+        asked = runtime.agents.named(model)
+        return await _run(request, principal, body, api, runtime.agent_serving(asked), None, started, stream, _Attempt(), asked)
+    if runtime.workflows is not None and runtime.workflows.is_workflow(model):
+        workflow = runtime.workflows.turn(model, principal)
+        return await _run(request, principal, body, api, runtime.require_chat(), None, started, stream, _Attempt(), workflow)
     serving, routed = await _route(runtime, model, principal, lambda: api.route_request(body))
     attempt = _Attempt()
     try:
@@ -99,18 +109,33 @@ async def _route(runtime: Any, model: str, principal: Principal, route: Callable
 
 
 async def _run(
-    request: Request, principal: Principal, body: Any, api: TurnAPI, serving: ChatServing, routed: Routed | None, started: float, stream: bool, attempt: _Attempt
+    request: Request,
+    principal: Principal,
+    body: Any,
+    api: TurnAPI,
+    serving: ChatServing,
+    routed: Routed | None,
+    started: float,
+    stream: bool,
+    attempt: _Attempt,
+    actor: AgentConfig | Actor | None = None,
 ) -> Response:
+    """`actor`: the agent asked for (`agent:<name>`; `serving` is then its model's), or
+    the workflow (`workflow:<name>`)."""
     asked = api.with_model(body, routed.decision.model) if routed is not None else body
     admission = api.admission(asked)
     if routed is not None:
         admission.model = routed.decision.alias
+    if actor is not None:
+        admission.server_tools = True  # an agent's tools and handoffs, a workflow's nodes: several model calls
     ledger = await TurnLedger.open(serving.ledgers, principal, request.headers, admission, serving.engine.max_model_len, serving.max_tool_steps)
     if routed is not None and ledger.trace is not None:
         ledger.trace.set(**routed.decision.trace_attributes())
         tracing.record(f"route {routed.decision.alias}", routed.start, routed.end, **routed.decision.trace_attributes())
     try:
-        turn, shape = await api.prepare(serving, asked, started, principal)
+        if isinstance(actor, AgentConfig):
+            serving, actor = await _direct(request.app.state.runtime, principal, actor, api.route_request(body), ledger, serving)
+        turn, shape = await api.prepare(serving, asked, started, principal, actor)
     except BaseException as exc:
         await ledger.abandon(exc)  # a turn that failed before it ran releases its hold
         raise
@@ -127,6 +152,18 @@ async def _run(
     if result is _GONE:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result.model_dump() if hasattr(result, "model_dump") else result, headers=headers)
+
+
+async def _direct(runtime: Any, principal: Principal, agent: AgentConfig, route: RouteRequest, ledger: TurnLedger, serving: ChatServing) -> tuple[ChatServing, Actor]:
+    """The agent stage (server/agents/director.py): who runs the turn, charged to its
+    ledger; the turn moves to that agent's model."""
+    agent_turn = await runtime.agents.direct(principal, agent, route, lambda a: runtime.agent_serving(a).engine)
+    chosen = runtime.agent_serving(agent_turn.agent)
+    if chosen is not serving:
+        ledger.move_to(chosen.ledgers)
+    if agent_turn.workflow is not None:  # handed to a workflow: it runs the turn, on the agent's model
+        return chosen, runtime.workflows.turn(f"workflow:{agent_turn.workflow}", principal, via=agent_turn)
+    return chosen, agent_turn
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

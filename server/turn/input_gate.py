@@ -2,12 +2,12 @@
 through the tool-result rails, before memory, retrieval, logs or the model see them.
 
 One exception changes nothing they see: when the new input is a user message and no
-server tool can run, the verdict is left pending (`PendingGate`) and generation starts
-alongside the rails, on the message with its personal data masked (what the PII rail
-makes of it); nothing is released, stored or run until the verdict is in (`gated`). If
-the rails refuse, or pass a text other than the one generated from, that generation is
-dropped unseen and the turn restarts from their text, so the model reads exactly what
-the rails would have passed to it.
+server tool (nor a workflow's node) can run, the verdict is left pending (`PendingGate`)
+and generation starts alongside the rails, on the message with its personal data masked
+(what the PII rail makes of it); nothing is released, stored or run until the verdict is
+in (`gated`). If the rails refuse, or pass a text other than the one generated from,
+that generation is dropped unseen and the turn restarts from their text, so the model
+reads exactly what the rails would have passed to it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class InputGate:
         # not read before their instructions are removed.
         user_only = all(messages[i]["role"] == "user" for i in checks)
         plan = turn.req.plan
-        if user_only and (plan is None or not plan.has_server_tools):
+        if user_only and (plan is None or not plan.has_server_tools) and turn.workflow is None:
             # Personal data masked, as the rails mask it (unless they are configured for
             # fewer kinds, or rewrite: then the verdict's text differs and the turn restarts).
             ahead = self.apply(turn, messages, {})

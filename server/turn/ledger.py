@@ -75,6 +75,11 @@ class TurnLedger:
                 raise
         return ledger
 
+    def move_to(self, ledgers: LedgerServices) -> None:
+        """The turn runs on another model than the one it was admitted on (an agent's):
+        it is recorded and priced as that model's. Its budget hold stays as taken."""
+        self.model, self.metrics, self.accounting = ledgers.model, ledgers.metrics, ledgers.accounting
+
     @property
     def headers(self) -> dict[str, str]:
         return self.trace.headers if self.trace is not None else {}
@@ -122,6 +127,10 @@ class TurnLedger:
         conversation = ctx.thread.conversation_id if ctx is not None and ctx.thread is not None else None
         p = self.principal
         usd = 0.0
+        agent = turn.report.agent
+        prompt_tokens, completion_tokens = progress.billed
+        if agent is not None:
+            agent.usage = agent.segments(progress.prompt_tokens, progress.completion_tokens, self.charge.engine_seconds)
         if self.accounting is not None:
             row = {
                 "request_id": turn.request_id,
@@ -131,13 +140,13 @@ class TurnLedger:
                 "key_id": p.key_id,
                 "conversation_id": conversation,
                 "model": self.model,
-                "prompt_tokens": progress.prompt_tokens,
-                "completion_tokens": progress.completion_tokens,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
                 "duration_s": time.perf_counter() - turn.req.started,
                 "trace_id": self.trace.trace_id if self.trace is not None else None,
             }
             try:
-                usd = await asyncio.to_thread(self.accounting.settle, p.key_id, self.charge, row)
+                usd = await asyncio.to_thread(self.accounting.settle, p.key_id, self.charge, row, agent.usage if agent is not None else None)
             except Exception:  # the answer was given; losing its usage row must not fail it
                 log.exception("recording usage of %s failed", turn.request_id)
             self.metrics.cost.labels(model=self.model, tenant=p.tenant).inc(usd)
@@ -149,8 +158,11 @@ class TurnLedger:
                 gen_ai__response__id=turn.request_id,
                 gen_ai__response__model=self.model,
                 gen_ai__conversation__id=conversation,
-                gen_ai__usage__input_tokens=progress.prompt_tokens,
-                gen_ai__usage__output_tokens=progress.completion_tokens,
+                gen_ai__usage__input_tokens=prompt_tokens,
+                gen_ai__usage__output_tokens=completion_tokens,
+                gen_ai__agent__name=agent.agent.name if agent is not None else None,
+                enclave__agent__asked=agent.asked if agent is not None else None,
+                enclave__agent__handoffs=len([h for h in agent.handoffs if h.to]) if agent is not None else None,
                 enclave__engine_seconds=round(self.charge.engine_seconds, 6),
                 enclave__cost_usd=usd,
                 enclave__budget_capped=True if self.charge.capped else None,

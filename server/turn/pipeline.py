@@ -34,6 +34,7 @@ from server.toolcalls.executor import Executor
 from server.toolcalls.grounding import conversation_text
 from server.toolcalls.shortlist import Shortlister
 from server.toolcalls.spec import ToolPlan, plan_tools
+from server.turn.actor import Actor
 from server.turn.cache_stage import CacheStage
 from server.turn.context import ContextStage
 from server.turn.decline_retry import DeclineRetry
@@ -163,16 +164,18 @@ class ChatServing:
                 if call:
                     turn.first_choice = "required"
 
-    async def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal) -> Turn:
+    async def prepare(self, request: ChatCompletionRequest, started: float, principal: Principal, actor: Actor | None = None) -> Turn:
         """A stateless turn: the request's messages are the whole context."""
         turn = self._new_turn(request, started, principal)
+        if actor is not None:
+            actor.attach(turn)
         turn.step.messages = await self._gate(turn, request.chat_messages())
         await self._shortlist(turn)
         self.prompt.render(turn, self._first_choice(turn))
         return turn
 
     async def prepare_stateful(
-        self, request: ChatCompletionRequest, started: float, principal: Principal, ctx: ContextRequest, request_id: str | None = None
+        self, request: ChatCompletionRequest, started: float, principal: Principal, ctx: ContextRequest, request_id: str | None = None, actor: Actor | None = None
     ) -> Turn:
         """A turn whose context the server assembles: stored history under the token
         budget, recalled memories, retrieved sources; stored when it finishes."""
@@ -182,6 +185,8 @@ class ChatServing:
         if request.n > 1:
             raise InvalidRequestError("n must be 1 in a stored conversation or with knowledge retrieval", param="n")
         turn.context = ctx
+        if actor is not None:
+            actor.attach(turn)
         turn.guards.retrieval(ctx.guard_events)
         ctx.new_messages = await self._gate(turn, ctx.new_messages)
         if turn.report.refusal is not None:
@@ -208,11 +213,16 @@ class ChatServing:
 
     def run(self, turn: Turn) -> TurnRun:
         progress = Progress()
+        if turn.report.agent is not None:
+            progress.earlier_prompt_tokens, progress.earlier_completion_tokens = turn.report.agent.decision_tokens
         return TurnRun(turn, progress, self._events(turn, progress))
 
     def _generated(self, turn: Turn, progress: Progress) -> AsyncIterator[TurnEvent]:
         if turn.report.refusal is not None:
             return _refusal(turn)
+        if turn.workflow is not None:  # its nodes in place of the model's answer
+            events = turn.workflow.events(turn, progress, self.generation)
+            return self.output_guard.events(turn, events) if self.output_guard is not None else events
         if self.cache_stage is not None and self.cache_stage.applies(turn):
             return self.cache_stage.events(turn, progress, lambda: self._fresh(turn, progress))
         return self._fresh(turn, progress)
@@ -267,7 +277,8 @@ class ChatServing:
 
     @staticmethod
     def usage(progress: Progress) -> Usage:
-        return Usage(prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens, total_tokens=progress.prompt_tokens + progress.completion_tokens)
+        prompt, completion = progress.billed
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def extensions(self, turn: Turn) -> dict[str, Any]:
         """The extension fields of a response (see protocol.ChatCompletion)."""
@@ -290,6 +301,10 @@ class ChatServing:
             out["tool_shortlist"] = report.shortlist
         if report.source_answer is not None:
             out["source_answer"] = report.source_answer
+        if report.agent is not None:
+            out["agent"] = report.agent.public()
+        if turn.workflow is not None:
+            out["workflow"] = turn.workflow.public()
         ctx = turn.context
         if ctx is not None:
             if ctx.thread is not None:

@@ -19,12 +19,14 @@ from server.protocol import ChatCompletionRequest
 from server.toolcalls.spec import ToolPlan, ToolSpec
 
 if TYPE_CHECKING:
+    from server.agents.director import AgentTurn
     from server.guard import Verdict
     from server.routing import Decision
     from server.toolcalls.executor import ToolResult
     from server.turn.guard_ledger import GuardLedger
     from server.turn.input_gate import PendingGate
     from server.turn.ledger import TurnLedger
+    from server.workflows.runner import WorkflowTurn
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Report:
     cache: dict[str, Any] | None = None  # the response cache's part (cache_stage.py)
     shortlist: dict[str, Any] | None = None  # the tools ranked and offered (tool choice stage)
     source_answer: dict[str, Any] | None = None  # the evidence ranked and chosen (source answer stage)
+    agent: AgentTurn | None = None  # the agent that runs a turn asked for as `agent:<name>` (server/agents)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Turn:
     # Engine request ids of a turn restarted by its input rails get a new suffix: the
     # dropped generation's abort must never reach the one that replaces it.
     attempt: int = 0
+    # A turn asked for as `workflow:<name>`: its nodes run in place of the model's answer.
+    workflow: WorkflowTurn | None = None
     # Builds the stored API object (the Responses API's) from the finished answer.
     stored_as: Callable[[Any, Any], tuple[Any, Any]] | None = None
 
@@ -104,6 +109,15 @@ class Progress:
     # refused or rewrote its input, the decline stage replaces it): the abort is counted
     # as "superseded", not as the client leaving.
     superseding: bool = False
+    # Tokens of model calls made for the turn before its generations (an agent's handoff
+    # decisions): billed with it, and kept by a reset.
+    earlier_prompt_tokens: int = 0
+    earlier_completion_tokens: int = 0
+
+    @property
+    def billed(self) -> tuple[int, int]:
+        """(prompt, completion) tokens the turn is billed and reports."""
+        return self.prompt_tokens + self.earlier_prompt_tokens, self.completion_tokens + self.earlier_completion_tokens
 
     def reset(self) -> None:
         self.completion_tokens = self.prompt_tokens = 0

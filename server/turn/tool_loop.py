@@ -28,7 +28,7 @@ from server.turn.state import Progress, Turn
 
 _ACTION_REF = re.compile(r"\bact_[0-9a-f]{24}\b")
 # A confirmation must be explicit; anything else declines (the safe reading).
-_AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.IGNORECASE)
+AFFIRMATIVE = re.compile(r"^\s*(yes|y|yeah|yep|confirm(ed)?|approve(d)?|go ahead|proceed|do it|ok(ay)?|sure)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -156,7 +156,7 @@ class ToolLoop:
             row = await asyncio.to_thread(self.executor.get_action, ref[-1], turn.req.principal)
         except NotFoundError:
             return None, False
-        if _AFFIRMATIVE.match(msgs[-1]["content"] or ""):
+        if AFFIRMATIVE.match(msgs[-1]["content"] or ""):
             ends = await self._approve(turn, row)
             return ends, ends is None
         if row["status"] == "pending":

@@ -219,7 +219,7 @@ def test_the_turn_offers_the_shortlist_and_reports_it(scripted):
     body = _ask(api, "Any news on my ticket T-1001?", tool_choice="required")
     assert body["tool_shortlist"]["offered"] == ["lookup_ticket"]
     ranked = body["tool_shortlist"]["ranked"]
-    assert ranked[0]["name"] == "lookup_ticket" and len(ranked) == 4
+    assert ranked[0]["name"] == "lookup_ticket" and len(ranked) == 5
     first = next(c for c in engine.calls if "precompile" not in c.request_id).params.regex
     assert "create_refund" not in first and '"T\\-1001"' in first  # offered alone, its id grounded
 

@@ -21,6 +21,7 @@ from server.db import (
     trace_spans,
     turns,
     usage_records,
+    workflow_runs,
 )
 from server.engine.base import EngineWrapper, GenerationChunk, GenerationParams
 from server.engine.scripted import ScriptedEngine
@@ -290,13 +291,20 @@ def test_forgetting_a_user_asks_each_store_and_keeps_others(db_url):
             conn.execute(insert(tool_audit).values(at=now, request_id="r", tenant="t", user=user, tool="x", arguments="{}", status="ok", attempts=1))
             conn.execute(insert(guard_events).values(at=now, request_id="r", tenant="t", user=user, stage="input", rail="r", action="masked", reason=""))
             conn.execute(insert(usage_records).values(request_id=f"r-{user}", at=now, tenant="t", user=user, model="m", prompt_tokens=1, completion_tokens=1, engine_seconds=0.1, cost_usd=0.0, duration_s=0.1))
+            conn.execute(
+                insert(workflow_runs).values(
+                    id=f"wfr_{user}", tenant="t", user=user, conversation_id=f"conv_{user}", workflow="refund", node="confirm",
+                    status="waiting", state="{}", version=1, created_at=now, updated_at=now,
+                )
+            )
         # A personal cached answer of each user, and one shared by the tenant's users.
         for entry, user in (("rc_ann", "ann"), ("rc_bob", "bob"), ("rc_shared", None)):
             conn.execute(insert(response_cache).values(id=entry, tenant="t", user=user, model="m", exact_key="e", context_key="c", answer="a", finish_reason="stop", created_at=now, expires_at=now + 60))
     counts = forget_user(db, "t", "ann")
-    assert counts == {"turns": 1, "conversations": 1, "tool_audit": 1, "pending_actions": 0, "guard_events": 1, "trace_spans": 0, "response_cache": 1}
+    assert counts == {"turns": 1, "conversations": 1, "tool_audit": 1, "pending_actions": 0, "guard_events": 1, "trace_spans": 0, "response_cache": 1, "workflow_runs": 1}
     with db.connect() as conn:
         assert conn.execute(select(conversations.c.user)).scalars().all() == ["bob"]
+        assert conn.execute(select(workflow_runs.c.user)).scalars().all() == ["bob"]
         assert sorted(conn.execute(select(response_cache.c.id)).scalars().all()) == ["rc_bob", "rc_shared"]
         assert sorted(conn.execute(select(usage_records.c.user)).scalars().all()) == ["[forgotten]", "bob"]
         assert conn.execute(select(pending_actions)).all() == [] and conn.execute(select(trace_spans)).all() == []

@@ -1,4 +1,4 @@
-"""The customer-support pack: tickets, subscriptions, refunds and hand-off to a human.
+"""The customer-support pack: tickets, orders, subscriptions, refunds and hand-off to a human.
 
 Every tool acts for the calling principal's customer (the API key's `user`, e.g.
 `cust_1001`) in the calling tenant's own database (`ctx.data`), and never reads or
@@ -98,6 +98,40 @@ def check_subscription_status(ctx: ToolContext) -> dict[str, Any]:
     if row is None:
         raise ToolError("this customer has no subscription")
     return {"plan": row["plan"], "status": row["status"], "renews_on": row["renews_on"], "monthly_price_eur": _euros(row["monthly_price_cents"])}
+
+
+@tool(
+    rate_limit="30/minute",
+    retries=1,
+    timeout=5,
+    examples=[{"order_id": "ORD-5002"}],
+    asks=["Where is my order?", "What did I buy in this order and what did it cost?", "How much of my order can still be refunded?"],
+)
+def lookup_order(ctx: ToolContext, order_id: OrderId) -> dict[str, Any]:
+    """Look up one of the customer's orders by id: item, amount, date placed, what is refunded, and whether a refund is still possible."""
+    with _db(ctx) as conn:
+        order = conn.execute("SELECT * FROM orders WHERE id = ? AND customer_id = ?", (order_id, ctx.user)).fetchone()
+        if order is None:  # another customer's order looks exactly like a missing one
+            raise ToolError(f"no order {order_id} was found for this customer")
+        refunded = conn.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM refunds WHERE order_id = ?", (order_id,)).fetchone()[0]
+    left = order["amount_cents"] - refunded
+    limit = _state["refund_limit"]
+    if left <= 0:
+        eligible, why = False, "the order is fully refunded"
+    elif left > round(limit * 100):
+        eligible, why = False, f"a full refund of {_euros(left):.2f} EUR is above the {limit:.2f} EUR the assistant may refund: a human agent must do it"
+    else:
+        eligible, why = True, f"up to {_euros(left):.2f} EUR can be refunded"
+    return {
+        "order_id": order["id"],
+        "item": order["item"],
+        "amount_eur": _euros(order["amount_cents"]),
+        "placed_on": order["placed_on"],
+        "refunded_eur": _euros(refunded),
+        "refundable_eur": _euros(max(left, 0)),
+        "refund_eligible": eligible,
+        "refund_note": why,
+    }
 
 
 def _refund_check(conn: sqlite3.Connection, ctx: ToolContext, order_id: str, amount: float) -> sqlite3.Row:
