@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +43,10 @@ class AgentConfig(BaseModel):
     workflows: list[str] = Field(default_factory=list)
     # Requests this agent answers: a handoff to it (or staying with it) is ranked on them.
     examples: list[str] = Field(default_factory=list)
+    # Whom its answer goes to when a turn is handed to it: the user (it takes the turn,
+    # and holds the conversation), or the agent that handed it (a consultation: that
+    # agent answers the user with it). A consulted agent hands nothing on.
+    answers: Literal["user", "caller"] = "user"
 
     @model_validator(mode="after")
     def _valid(self) -> AgentConfig:

@@ -8,7 +8,9 @@ to it), the director:
    the asked agent;
 2. lets the current agent hand the turn on (server/agents/handoff.py), at most
    MAX_HANDOFFS times, each time among agents no decision of the turn has weighed yet
-   (so never back to one it left);
+   (so never back to one it left); a handoff to an agent that `answers: caller` is a
+   consultation instead (server/agents/consult.py): its answer goes back to the current
+   agent, which keeps the turn; a handoff to a workflow gives it the turn;
 3. gives the API the chosen agent: its model's serving, its instructions ahead of the
    client's, its server tools (those the key's scopes allow) beside the client's, and
    whether it uses episodic memory.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.agents.config import PREFIX, AgentConfig
+from server.agents.consult import Consultation, consult
 from server.agents.handoff import Handoff, HandoffDecider
 from server.auth import Principal
 from server.errors import ConfigError, InvalidRequestError, ModelNotFoundError
@@ -48,6 +51,7 @@ class AgentTurn:
     tools: list[str] = field(default_factory=list)  # the server tools it brings to this turn
     withheld: list[str] = field(default_factory=list)  # its tools the key's scopes leave out
     usage: list[dict[str, Any]] | None = None  # per agent, once the turn is settled
+    consulted: list[Consultation] = field(default_factory=list)  # specialists whose answers it reads
 
     def _server_entries(self, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         """The request's tools plus this agent's (a tool the client named itself is kept as the client gave it)."""
@@ -59,11 +63,23 @@ class AgentTurn:
 
     def chat_request(self, body: ChatCompletionRequest, model: str) -> ChatCompletionRequest:
         messages = [ChatMessage(role="system", content=self.agent.instructions), *body.messages]
+        for c in self.consulted:  # what a specialist answered, as the result of asking it
+            call = {"id": c.call_id, "type": "function", "function": {"name": c.tool_name, "arguments": c.arguments}}
+            messages += [ChatMessage(role="assistant", tool_calls=[call]), ChatMessage(role="tool", tool_call_id=c.call_id, content=c.answer)]
         return body.model_copy(update={"model": model, "messages": messages, "tools": self._server_entries(body.tools)})
 
     def responses_request(self, body: ResponsesRequest, model: str) -> ResponsesRequest:
         instructions = "\n\n".join(x for x in (self.agent.instructions, body.instructions or "") if x)
-        return body.model_copy(update={"model": model, "instructions": instructions, "tools": self._server_entries(body.tools)})
+        update: dict[str, Any] = {"model": model, "instructions": instructions, "tools": self._server_entries(body.tools)}
+        if self.consulted:
+            items = [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) else list(body.input)
+            for c in self.consulted:
+                items += [
+                    {"type": "function_call", "call_id": c.call_id, "name": c.tool_name, "arguments": c.arguments},
+                    {"type": "function_call_output", "call_id": c.call_id, "output": c.answer},
+                ]
+            update["input"] = items
+        return body.model_copy(update=update)
 
     @property
     def answered_by(self) -> str:
@@ -93,12 +109,17 @@ class AgentTurn:
         for h in self.handoffs:
             add(h.agent, h.prompt_tokens, h.completion_tokens, h.engine_seconds)
             decided += h.engine_seconds
+        for c in self.consulted:
+            add(c.agent, c.prompt_tokens, c.completion_tokens, c.engine_seconds)
+            decided += c.engine_seconds
         add(self.answered_by, prompt_tokens, completion_tokens, max(engine_seconds - decided, 0.0))
         return list(rows.values())
 
     @property
     def decision_tokens(self) -> tuple[int, int]:
-        return sum(h.prompt_tokens for h in self.handoffs), sum(h.completion_tokens for h in self.handoffs)
+        """Tokens of the model calls before the turn's own: handoff decisions, consultations."""
+        parts = [*self.handoffs, *self.consulted]
+        return sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts)
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -111,6 +132,8 @@ class AgentTurn:
         }
         if self.withheld:
             out["tools_withheld"] = self.withheld
+        if self.consulted:
+            out["consulted"] = [c.public() for c in self.consulted]
         if self.usage is not None:
             out["usage"] = self.usage
         return out
@@ -145,9 +168,13 @@ class AgentDirector:
                 if self.registry is None:
                     raise ConfigError(f"agent {agent.name}: tools need server tools, which are not enabled")
                 try:
-                    self.registry.resolve(ref, param="tools")
+                    tools = self.registry.resolve(ref, param="tools")
                 except InvalidRequestError:
                     raise ConfigError(f"agent {agent.name}: no enabled server tool or pack is named {ref!r} (enable its pack in tool_packs or its MCP server)") from None
+                destructive = [t.name for t in tools if t.destructive]
+                if agent.answers == "caller" and destructive:
+                    # Its answer is read by another agent: nobody would be asked to confirm.
+                    raise ConfigError(f"agent {agent.name} answers its caller, so it may not use destructive tools ({', '.join(destructive)})")
 
     def _tools(self, agent: AgentConfig, principal: Principal) -> tuple[list[str], list[str]]:
         allowed: list[str] = []
@@ -195,9 +222,9 @@ class AgentDirector:
         run = await asyncio.to_thread(self.workflows.store.active, principal, conversation_id, name)
         return name if run is not None else None
 
-    async def direct(self, principal: Principal, asked: AgentConfig, route: RouteRequest, engine_of: Any) -> AgentTurn:
-        """The agent that runs this turn (or the workflow it hands it to). `engine_of(agent)`:
-        the engine an agent's handoff call is written on."""
+    async def direct(self, principal: Principal, asked: AgentConfig, route: RouteRequest, serving_of: Any) -> AgentTurn:
+        """The agent that runs this turn (or the workflow it hands it to). `serving_of(agent)`:
+        the serving an agent's handoff call and consultation run on."""
         holder, conversation_id = await self.holder(principal, route)
         waiting = await self._held_workflow(principal, holder, conversation_id, asked)
         if waiting is not None:  # a workflow paused for the user goes on with their answer
@@ -205,6 +232,7 @@ class AgentDirector:
         held = holder is not None and holder != asked.name and holder in self.agents and holder in self._reachable(asked)
         current = self.agents[holder] if held and holder is not None else asked
         handoffs: list[Handoff] = []
+        consulted: list[Consultation] = []
         # An agent decides among the agents no decision of this turn has weighed yet: one
         # that was just handed the turn does not weigh again what its sender weighed.
         weighed = {current.name}
@@ -215,14 +243,21 @@ class AgentDirector:
             if not candidates:
                 break
             weighed.update(candidates)
-            decision = await self.decider.decide(current, candidates, route.text, engine_of(current), internal_id("handoff"))
+            decision = await self.decider.decide(current, candidates, route.text, serving_of(current).engine, internal_id("handoff"))
             handoffs.append(decision)
             if decision.to is None:
                 break
             if decision.to.startswith("workflow:"):
+                decision.mode = "workflow"
                 return AgentTurn(asked.name, current, held, handoffs, workflow=decision.to.removeprefix("workflow:"))
-            current = self.agents[decision.to]
-        turn = AgentTurn(asked.name, current, held, handoffs)
+            target = self.agents[decision.to]
+            if target.answers == "caller":
+                decision.mode = "consult"
+                tools = self._tools(target, principal)[0] if self.registry is not None and target.tools else []
+                consulted = [await consult(serving_of(target), target, tools, principal, route.text)]
+                break
+            current = target
+        turn = AgentTurn(asked.name, current, held, handoffs, consulted=consulted)
         if self.registry is not None and current.tools:
             turn.tools, turn.withheld = self._tools(current, principal)
         return turn

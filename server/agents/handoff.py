@@ -47,9 +47,10 @@ class Handoff:
     completion_tokens: int = 0
     engine_seconds: float = 0.0
     seconds: float = 0.0
+    mode: str = "transfer"  # "transfer" (the agent answers the user), "consult" (it answers the caller), "workflow"
 
     def public(self) -> dict[str, Any]:
-        return {"from": self.agent, "to": self.to, "by": self.by, "scores": self.scores}
+        return {"from": self.agent, "to": self.to, "by": self.by, "mode": self.mode, "scores": self.scores}
 
 
 def handoff_tool(agent: AgentConfig) -> ToolSpec:

@@ -157,7 +157,7 @@ async def _run(
 async def _direct(runtime: Any, principal: Principal, agent: AgentConfig, route: RouteRequest, ledger: TurnLedger, serving: ChatServing) -> tuple[ChatServing, Actor]:
     """The agent stage (server/agents/director.py): who runs the turn, charged to its
     ledger; the turn moves to that agent's model."""
-    agent_turn = await runtime.agents.direct(principal, agent, route, lambda a: runtime.agent_serving(a).engine)
+    agent_turn = await runtime.agents.direct(principal, agent, route, runtime.agent_serving)
     chosen = runtime.agent_serving(agent_turn.agent)
     if chosen is not serving:
         ledger.move_to(chosen.ledgers)

@@ -118,3 +118,25 @@ def test_an_agent_hands_a_refund_to_the_workflow_and_the_conversation_follows_it
     assert done["pending_action"]["status"] == "succeeded"
     with sqlite3.connect(tenant_database(live_server.data_dir / "packs", "support", "agents-wf")) as conn:
         assert conn.execute("SELECT order_id, amount_cents FROM refunds").fetchall() == [("ORD-5004", 500)]
+
+
+def test_the_coordinator_consults_the_tickets_agent_and_keeps_the_conversation(live_server):
+    customer = _customer(live_server)
+    done = customer.chat.completions.create(
+        model="agent:coordinator",
+        messages=[{"role": "user", "content": "What is the status of my ticket T-1001?"}],
+        extra_body={"conversation": "agents-tickets"},
+        max_tokens=48,
+        temperature=0,
+    )
+    agent = done.model_extra["agent"]
+    assert agent["agent"] == "coordinator" and [(h["to"], h["mode"]) for h in agent["handoffs"]] == [("tickets", "consult")], agent
+    consulted = agent["consulted"][0]
+    assert consulted["agent"] == "tickets" and consulted["answer"].strip() and not consulted["refused"]
+    assert {c["name"] for c in consulted["server_tool_calls"]} <= {"lookup_ticket"}
+    assert done.choices[0].message.content.strip()
+    assert {u["agent"] for u in agent["usage"]} == {"coordinator", "tickets"}
+    follow = customer.chat.completions.create(
+        model="agent:coordinator", messages=[{"role": "user", "content": "Thanks, that helps."}], extra_body={"conversation": "agents-tickets"}, max_tokens=16
+    )
+    assert follow.model_extra["agent"]["agent"] == "coordinator"

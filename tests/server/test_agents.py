@@ -234,3 +234,43 @@ def test_without_a_stored_conversation_no_workflow_is_offered(desk):
     body = _chat(client, keys["full"], "Please refund order ORD-5002, it arrived damaged.").json()
     assert body["agent"]["workflow"] is None and body["workflow"] is None
     assert all(not (h["to"] or "").startswith("workflow:") for h in body["agent"]["handoffs"])
+
+
+def test_the_coordinator_consults_the_tickets_agent_and_answers_with_what_it_found(desk):
+    client, engine, keys, settings = desk
+    engine.queue(
+        '[{"name": "lookup_ticket", "arguments": {"ticket_id": "T-1001"}}]',  # the tickets agent looks it up
+        "Ticket T-1001 is open: the dock arrived damaged.",  # and tells the coordinator
+        "Your ticket T-1001 is still open; we are on it.",  # which answers the customer
+    )
+    r = _chat(client, keys["full"], "What is the status of my ticket T-1001?", conversation="t-1")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    agent = body["agent"]
+    assert (agent["agent"], [(h["to"], h["mode"]) for h in agent["handoffs"]]) == ("coordinator", [("tickets", "consult")])
+    consulted = agent["consulted"][0]
+    assert consulted["agent"] == "tickets" and consulted["answer"] == "Ticket T-1001 is open: the dock arrived damaged."
+    assert [(c["name"], c["status"]) for c in consulted["server_tool_calls"]] == [("lookup_ticket", "ok")]
+    assert body["choices"][0]["message"]["content"] == "Your ticket T-1001 is still open; we are on it."
+    # The coordinator read the answer as the result of asking the tickets agent.
+    prompt = _prompt_text(engine)
+    assert "front desk" in prompt and '"name": "ask_tickets"' in prompt and "the dock arrived damaged" in prompt
+    tickets_prompt = _prompt_text(engine, 0)
+    assert "look up the customer's support tickets" in tickets_prompt and "front desk" not in tickets_prompt
+    # Usage: the tickets agent's share and the coordinator's add up to the turn.
+    db = connect(settings.resolved_database_url)
+    with db.connect() as conn:
+        rows = {row["agent"]: row for row in conn.execute(select(agent_usage).where(agent_usage.c.request_id == body["id"])).mappings()}
+    assert set(rows) == {"coordinator", "tickets"} and rows["tickets"]["completion_tokens"] > 0
+    assert sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows.values()) == body["usage"]["total_tokens"]
+    # The coordinator keeps the conversation.
+    engine.queue("You are welcome.")
+    again = _chat(client, keys["full"], "Thanks, that helps.", conversation="t-1").json()["agent"]
+    assert (again["agent"], again["held"]) == ("coordinator", False)
+
+
+def test_an_agent_that_answers_its_caller_may_not_use_destructive_tools(tmp_path):
+    files = {"a": "name: a\ndescription: d\ninstructions: i\nanswers: caller\ntools: [support.create_refund]\n"}
+    settings = load_settings(data_dir=tmp_path, rails=False, deployments_dir=_deployment(tmp_path, files), deployment="desk")
+    with pytest.raises(ConfigError, match="answers its caller, so it may not use destructive tools"):
+        create_app(settings, engine=ScriptedEngine(served_model="scripted", max_model_len=256))

@@ -117,15 +117,17 @@ def test_an_ineligible_order_goes_to_a_person_and_is_not_refunded(desk):
 
 
 def test_a_missing_order_id_is_asked_for_and_an_unknown_one_refunds_nothing(desk):
-    client, keys, settings, _engine = desk
+    client, keys, settings, engine = desk
     text, wf, _ = _say(client, keys["customer"], "I want a refund, the dock was damaged.")
     assert wf["path"] == ["identify"] and (wf["run"]["node"], wf["run"]["status"]) == ("identify", "waiting")
     assert text.startswith("Which order should I refund?")
     text, wf, _ = _say(client, keys["customer"], "It is ORD-5002.")
     assert wf["path"] == ["identify", "check", "eligible", "confirm"] and wf["run"]["state"]["reason"] == "damaged"
+    engine.queue("Order ORD-9999 is not on your account, so nothing was refunded; please check the id.")
     text, wf, _ = _say(client, keys["customer"], "Refund ORD-9999, it was a duplicate charge.", conversation="refund-2")
     assert wf["path"] == ["identify", "check", "unknown_order"] and wf["run"]["status"] == "failed"
-    assert text == "I could not find order ORD-9999 on your account, so nothing was refunded."
+    assert text == "Order ORD-9999 is not on your account, so nothing was refunded; please check the id."
+    assert wf["run"]["state"]["error"] == {"error": "no order ORD-9999 was found for this customer"}
     assert _refunds(settings) == []
 
 
