@@ -26,8 +26,9 @@ class MCPUnavailable(Exception):
     """The MCP server could not be reached, or went away during the call."""
 
 
-def client_for(config: MCPServerConfig, timeout_s: float) -> Any:
-    """The SDK client of one configured server (not yet connected)."""
+def client_for(config: MCPServerConfig, timeout_s: float, request_headers: dict[str, str] | None = None) -> Any:
+    """The SDK client of one configured server (not yet connected); `request_headers`
+    (a request's own, over the operator's) for an HTTP server."""
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters
     from mcp.client.streamable_http import streamable_http_client
@@ -38,7 +39,7 @@ def client_for(config: MCPServerConfig, timeout_s: float) -> Any:
         params = StdioServerParameters(command=command, args=config.command[1:], env=config.resolved_env() or None, cwd=config.cwd)
         return Client(params, read_timeout_seconds=timeout_s)
     assert config.url is not None
-    http = create_mcp_http_client(headers=config.resolved_headers() or None)
+    http = create_mcp_http_client(headers=(config.resolved_headers() | (request_headers or {})) or None)
     return Client(streamable_http_client(config.url, http_client=http), read_timeout_seconds=timeout_s)
 
 
@@ -53,6 +54,16 @@ async def list_tools(config: MCPServerConfig) -> list[Any]:
             cursor = page.next_cursor
             if not cursor:
                 return tools
+
+
+async def call_with_headers(config: MCPServerConfig, headers: dict[str, str], name: str, arguments: dict[str, Any]) -> Any:
+    """One call with a request's own headers (over the operator's), on a connection of its
+    own that ends with it: the shared one carries the operator's credentials only."""
+    try:
+        async with client_for(config, config.timeout_s, headers) as client:
+            return await client.call_tool(name, arguments)
+    except Exception as exc:  # noqa: BLE001 - the SDK reports a failed connection as an exception group
+        raise MCPUnavailable(f"MCP server `{config.label}` failed during the call: {first_error(exc)}") from None
 
 
 class MCPConnection:

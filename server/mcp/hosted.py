@@ -4,8 +4,10 @@ A request's tool `{"type": "mcp", "server_label": …, "allowed_tools": …,
 "require_approval": …}` becomes the server tools of that server (the pack `mcp:<label>`),
 so its calls run as every server tool's do (scopes, rails, audit). The site is air-gapped
 and the operator decides which servers exist: a label that names no configured server, or a
-`server_url` other than the configured one, is a 400; so are `headers` (the operator's
-configuration holds the credentials).
+`server_url` other than the configured one, is a 400. `headers` (and `authorization`, a
+bearer token) go with this request's calls to that server only where the operator lets a
+request set them (`request_headers`); otherwise they are a 400, the operator's
+configuration holding the credentials. They are never stored, nor echoed in the response.
 
 `require_approval` (default "always", as OpenAI's) makes calls wait for approval: the
 response then carries an `mcp_approval_request` item, whose id is the pending action's; the
@@ -144,13 +146,16 @@ def chat_tools(entry: dict[str, Any], i: int, registry: Any, hosted: HostedMCP) 
             param=f"{where}.server_url",
             code="mcp_server_not_allowed",
         )
-    for forbidden in ("headers", "authorization", "connector_id"):
-        if entry.get(forbidden):
-            raise InvalidRequestError(
-                f"{where}: {forbidden} cannot be set by a request; the operator's configuration of `{label}` holds its credentials",
-                param=f"{where}.{forbidden}",
-                code="unsupported_parameter",
-            )
+    if entry.get("connector_id"):
+        raise InvalidRequestError(f"{where}: connectors are not available here; use an MCP server the operator configured", param=f"{where}.connector_id", code="unsupported_parameter")
+    headers: dict[str, str] = {}
+    if entry.get("headers") is not None:
+        headers = connection.config.request_headers_from(entry["headers"], f"{where}.headers")
+    token = entry.get("authorization")
+    if token is not None:  # OpenAI's field for an OAuth access token: a bearer Authorization header
+        if not isinstance(token, str) or not token:
+            raise InvalidRequestError(f"{where}.authorization must be a non-empty string", param=f"{where}.authorization")
+        headers |= connection.config.request_headers_from({"Authorization": f"Bearer {token}"}, f"{where}.authorization")
     offered = {t.name: t for t in registry.packs.get(connection.config.pack, [])}
     allowed = _names(entry.get("allowed_tools"), f"{where}.allowed_tools")
     if allowed is not None:
@@ -171,7 +176,8 @@ def chat_tools(entry: dict[str, Any], i: int, registry: Any, hosted: HostedMCP) 
         raise InvalidRequestError(f'{where}.require_approval must be "always", "never" or a filter', param=f"{where}.require_approval")
     hosted.tools[label] = [offered[n] for n in names]
     hosted.listed.update({n: connection.listed.get(n) for n in names})
-    return [{"type": "server", "name": f"{connection.config.pack}.{n}", "confirm": n in confirmed} for n in names]
+    extra = {"headers": headers} if headers else {}
+    return [{"type": "server", "name": f"{connection.config.pack}.{n}", "confirm": n in confirmed, **extra} for n in names]
 
 
 def approval_messages(item: dict[str, Any], where: str) -> list[dict[str, str]]:

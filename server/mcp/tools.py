@@ -20,10 +20,17 @@ from typing import Any
 
 from server.errors import ConfigError
 from server.mcp.config import MCPServerConfig, parse
-from server.mcp.connection import MCPConnection, MCPUnavailable, first_error, list_tools
+from server.mcp.connection import (
+    MCPConnection,
+    MCPUnavailable,
+    call_with_headers,
+    first_error,
+    list_tools,
+)
 from server.toolcalls.registry import (
     Registry,
     Tool,
+    ToolContext,
     ToolError,
     _parse_rate,
     _strip_titles,
@@ -44,6 +51,11 @@ def _result(result: Any) -> Any:
     return json.dumps([getattr(c, "type", "content") for c in result.content or []])
 
 
+# The keyword the ToolContext reaches an MCP tool's function by: not a name any server's
+# own parameters could have.
+_CONTEXT = "__enclave_context"
+
+
 def as_tool(config: MCPServerConfig, listed: Any, connection: MCPConnection) -> Tool:
     name = listed.name
     annotations = listed.annotations
@@ -53,8 +65,13 @@ def as_tool(config: MCPServerConfig, listed: Any, connection: MCPConnection) -> 
     schema.setdefault("type", "object")
 
     async def call(**arguments: Any) -> Any:
+        ctx: ToolContext = arguments.pop(_CONTEXT)
+        headers = ctx.mcp_headers.get(config.label)
         try:
-            result = await connection.call(name, arguments)
+            if headers:
+                result = await call_with_headers(config, dict(headers), name, arguments)
+            else:
+                result = await connection.call(name, arguments)
         except MCPUnavailable as exc:
             # Our own words on which server failed and how: the model may tell the user.
             raise ToolError(str(exc)) from None
@@ -66,7 +83,7 @@ def as_tool(config: MCPServerConfig, listed: Any, connection: MCPConnection) -> 
         fn=call,
         args_model=None,
         parameters=schema,
-        context_param=None,
+        context_param=_CONTEXT,
         destructive=annotated or name in config.destructive,
         idempotent=read_only or bool(annotations and annotations.idempotent_hint),
         timeout=config.timeout_s,

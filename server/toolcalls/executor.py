@@ -270,14 +270,17 @@ class Executor:
         with self.db.begin() as conn:
             conn.execute(update(pending_actions).where(pending_actions.c.id == action_id).values(status=status, result=result))
 
-    async def approve(self, action_id: str, principal: Principal, *, operator: bool = False, request_id: str = "", messages: list | None = None) -> dict[str, Any]:
-        """Execute a pending action exactly once and return its final state."""
+    async def approve(
+        self, action_id: str, principal: Principal, *, operator: bool = False, request_id: str = "", messages: list | None = None, mcp_headers: Any = None
+    ) -> dict[str, Any]:
+        """Execute a pending action exactly once and return its final state (an MCP tool's
+        with the approving request's `mcp_headers`, if it sends any)."""
         row = await asyncio.to_thread(self.get_action, action_id, principal, operator=operator)
         by = f"{'operator' if operator else 'user'}:{principal.user}"
         if await asyncio.to_thread(self._claim, action_id, by):
             tool = self.registry.get(row["tool"])
             owner = Principal(tenant=row["tenant"], user=row["user"], scopes=("*",), key_id=row["key_id"])
-            ctx = ToolContext(row["tenant"], row["user"], row["key_id"], request_id, messages or [], idempotency_key=action_id)
+            ctx = ToolContext(row["tenant"], row["user"], row["key_id"], request_id, messages or [], idempotency_key=action_id, mcp_headers=mcp_headers or {})
             started = time.perf_counter()
             with tracing.span(f"execute_tool {row['tool']}", **_tool_attributes(row["tool"], "call_" + action_id.removeprefix("act_"))) as span:
                 if tool is None:

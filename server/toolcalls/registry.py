@@ -15,7 +15,7 @@ import importlib
 import inspect
 import logging
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ class ToolContext:
     idempotency_key: str | None = None
     # The calling tenant's database of the tool's pack; bound by the server per call.
     data: TenantData | None = None
+    # Headers the request sends to MCP servers, by label (only those the operator lets a
+    # request set: server/mcp/config.py); used for this request's calls, never stored.
+    mcp_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass

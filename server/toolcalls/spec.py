@@ -5,6 +5,8 @@ call and hands it back. Server tools (`{"type": "server", "name": "support"}` fo
 pack, or `"support.lookup_ticket"` / `"lookup_ticket"` for one tool) come from the
 registry and run here; `"confirm": true` on such an entry makes its tools wait for the
 user's confirmation as destructive ones do (a request may ask for more care, never less).
+An entry naming an MCP server's tools may carry `"headers"` for that server, those its
+operator lets a request set (`request_headers`): they go with this request's calls only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class ToolPlan:
     # Server tools this request wants confirmed before they run, beyond the destructive
     # ones (a server entry's `"confirm": true`; the Responses API's MCP `require_approval`).
     confirm: frozenset[str] = frozenset()
+    # Headers for MCP servers' calls, by server label (a server entry's `"headers"`).
+    mcp_headers: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_name = {t.name: t for t in self.tools}
@@ -90,6 +94,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
         return None
     specs: list[ToolSpec] = []
     confirm: set[str] = set()
+    mcp_headers: dict[str, dict[str, str]] = {}
     for i, entry in enumerate(tools):
         if not isinstance(entry, dict):
             raise InvalidRequestError(f"tools[{i}] must be an object", param=f"tools[{i}]")
@@ -100,7 +105,8 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
             ref = entry.get("name")
             if not isinstance(ref, str) or registry is None:
                 raise InvalidRequestError(f"tools[{i}]: a server tool needs a name", param=f"tools[{i}].name")
-            for tool in registry.resolve(ref, param=f"tools[{i}].name"):
+            resolved = registry.resolve(ref, param=f"tools[{i}].name")
+            for tool in resolved:
                 if not principal.allows(tool.scope):
                     raise PermissionDeniedError(
                         f"this API key may not use the server tool `{tool.name}` (needs scope `{tool.scope}`)",
@@ -110,6 +116,13 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
                 specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=True, asks=tuple(tool.asks)))
                 if entry.get("confirm") is True:
                     confirm.add(tool.name)
+            if entry.get("headers") is not None:
+                packs = {tool.pack for tool in resolved}
+                label = packs.pop().removeprefix("mcp:") if len(packs) == 1 and next(iter(packs)).startswith("mcp:") else None
+                connection = registry.connections.get(label) if label is not None else None
+                if connection is None:
+                    raise InvalidRequestError(f"tools[{i}]: headers are only for an MCP server's tools", param=f"tools[{i}].headers")
+                mcp_headers[label] = connection.config.request_headers_from(entry["headers"], f"tools[{i}].headers")
         else:
             raise InvalidRequestError(f"tools[{i}].type must be 'function' or 'server', not {kind!r}", param=f"tools[{i}].type")
     seen: set[str] = set()
@@ -117,7 +130,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
         if spec.name in seen:
             raise InvalidRequestError(f"tool `{spec.name}` is declared more than once", param="tools")
         seen.add(spec.name)
-    return ToolPlan(specs, _choice(tool_choice, seen), parallel is not False, confirm=frozenset(confirm))
+    return ToolPlan(specs, _choice(tool_choice, seen), parallel is not False, confirm=frozenset(confirm), mcp_headers=mcp_headers)
 
 
 def _choice(tool_choice: Any, names: set[str]) -> str:

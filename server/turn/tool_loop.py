@@ -129,8 +129,8 @@ class ToolLoop:
         """Run the server calls and show the model their results; returns the actions
         that wait for the user's confirmation."""
         p = turn.req.principal
-        ctx = ToolContext(p.tenant, p.user, p.key_id, turn.request_id, turn.step.messages)
         plan = turn.req.plan
+        ctx = ToolContext(p.tenant, p.user, p.key_id, turn.request_id, turn.step.messages, mcp_headers=plan.mcp_headers if plan is not None else {})
         results = await self.executor.run([(c.id, c.name, c.arguments) for c in server_calls], p, ctx, plan.confirm if plan is not None else ())
         for r in results:
             turn.guards.add(r.guard_events)
@@ -168,7 +168,9 @@ class ToolLoop:
     async def _approve(self, turn: Turn, row: dict[str, Any]) -> list[TurnEvent] | None:
         p = turn.req.principal
         try:
-            row = await self.executor.approve(row["id"], p, request_id=turn.request_id, messages=turn.step.messages)
+            plan = turn.req.plan
+            headers = plan.mcp_headers if plan is not None else {}  # the approving request's, as OpenAI's clients resend them
+            row = await self.executor.approve(row["id"], p, request_id=turn.request_id, messages=turn.step.messages, mcp_headers=headers)
         except ConflictError:
             row = await asyncio.to_thread(self.executor.get_action, row["id"], p)
             turn.report.pending_action = public_action(row)

@@ -208,10 +208,13 @@ def live_server(tmp_path_factory, mcp_servers) -> LiveServer:
         # Opt-in: only requests that send `"cache": true` use it (tests/e2e/test_response_cache.py).
         "ENCLAVE_RESPONSE_CACHE": '{"mode": "opt_in", "similarity": 0.9}',
         # MCP tools (tests/e2e/test_mcp.py): the article lookup over HTTP, the note
-        # deletion and the crashing tool from a stdio child of the server.
+        # deletion and the crashing tool from a stdio child of the server, and a
+        # directory lookup that carries a request's own token.
         "ENCLAVE_MCP_SERVERS": json.dumps(
             [
                 {"label": "articles", "url": mcp_servers.http_url, "allowed_tools": ["lookup_article"]},
+                # The same server as a directory whose calls carry the request's own token.
+                {"label": "directory", "url": mcp_servers.http_url, "allowed_tools": ["whoami"], "request_headers": ["X-User-Token"]},
                 {
                     "label": "notes",
                     "command": ["python", "-m", "tests.mcp_servers.helpdesk", "--ledger", str(mcp_servers.ledger)],

@@ -136,12 +136,40 @@ def test_an_mcp_call_waits_for_approval_runs_once_when_approved_and_not_when_den
     assert _deleted(mcp_servers).count(note) == before
 
 
+def test_a_request_sends_its_own_headers_where_the_operator_allows_and_they_are_not_kept(client, mcp_servers):
+    # The operator lets a request set X-User-Token for `directory` (conftest): each call
+    # of this request carries it; the response (stored) does not echo it.
+    tools = [{"type": "mcp", "server_label": "directory", "headers": {"X-User-Token": "t-e2e-7"}, "require_approval": "never"}]
+    out = client.responses.create(
+        model=MODEL, input="Who am I signed in as?", tools=tools, tool_choice={"type": "mcp", "server_label": "directory", "name": "whoami"}, max_output_tokens=30, temperature=0
+    )
+    call = next(i for i in out.output if i.type == "mcp_call")
+    assert (call.name, call.output, call.error) == ("whoami", "token: t-e2e-7", None)
+    # (The test server's answer repeats the token: outside the tool's output, it is nowhere.)
+    stored = client.responses.retrieve(out.id)
+    for response in (out, stored):
+        assert response.model_dump()["tools"][0].get("headers") is None
+        assert "t-e2e-7" not in response.model_dump_json(exclude={"output", "server_tool_calls"})
+    # Without headers, the shared connection: the operator's credentials only.
+    plain = client.responses.create(
+        model=MODEL,
+        input="Who am I signed in as?",
+        tools=[{"type": "mcp", "server_label": "directory", "require_approval": "never"}],
+        tool_choice={"type": "mcp", "server_label": "directory", "name": "whoami"},
+        max_output_tokens=30,
+        temperature=0,
+    )
+    assert next(i for i in plain.output if i.type == "mcp_call").output == "anonymous"
+
+
 @pytest.mark.parametrize(
     ("tool", "code"),
     [
         ({"type": "mcp", "server_label": "anywhere", "server_url": "http://mcp.example.com/mcp"}, "mcp_server_not_allowed"),
         ({"type": "mcp", "server_label": "articles", "server_url": "http://mcp.example.com/mcp"}, "mcp_server_not_allowed"),
         ({"type": "mcp", "server_label": "articles", "headers": {"Authorization": "Bearer x"}}, "unsupported_parameter"),
+        ({"type": "mcp", "server_label": "directory", "headers": {"Cookie": "session=1"}}, "unsupported_parameter"),
+        ({"type": "mcp", "server_label": "directory", "authorization": "t"}, "unsupported_parameter"),
         ({"type": "mcp", "server_label": "articles", "allowed_tools": ["drop_everything"]}, "tool_not_found"),
     ],
 )

@@ -4,8 +4,9 @@ default or streamable HTTP (`--http PORT`):
     python -m tests.mcp_servers.helpdesk [--http PORT] [--ledger FILE]
 
 Its tools: a read-only article lookup, a destructive note deletion (annotated so) whose
-every run is appended to the ledger file (tests count runs there), and a tool that kills
-the server's own process mid-call.
+every run is appended to the ledger file (tests count runs there), a tool that kills
+the server's own process mid-call, and one that says whose token the call carried (the
+request's own headers, over HTTP).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import ToolAnnotations
 
 ARTICLES = {
@@ -40,6 +41,14 @@ def delete_note(note_id: str) -> dict:
         with LEDGER.open("a") as f:
             f.write(json.dumps({"deleted": note_id}) + "\n")
     return {"deleted": note_id}
+
+
+@server.tool(annotations=ToolAnnotations(readOnlyHint=True))
+def whoami(ctx: Context) -> str:
+    """Say which user the help centre sees this call as (by its token)."""
+    headers = ctx.headers or {}
+    token = headers.get("x-user-token") or headers.get("authorization")
+    return f"token: {token}" if token else "anonymous"
 
 
 @server.tool()

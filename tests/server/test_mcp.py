@@ -63,7 +63,7 @@ def run(coro):
 def test_a_servers_tools_become_a_pack_with_its_scope_annotations_and_schemas(tmp_path):
     registry = Registry()
     add_mcp_servers(registry, [stdio(tmp_path)])
-    assert sorted(t.name for t in registry.packs["mcp:helpdesk"]) == ["crash_server", "delete_note", "lookup_article"]
+    assert sorted(t.name for t in registry.packs["mcp:helpdesk"]) == ["crash_server", "delete_note", "lookup_article", "whoami"]
     lookup, delete = registry.get("lookup_article"), registry.get("delete_note")
     assert lookup.scope == "tools:mcp:helpdesk" and lookup.idempotent and not lookup.destructive
     assert delete.destructive  # annotated destructiveHint by its server
@@ -145,3 +145,38 @@ def test_streamable_http_and_the_executor_confirm_a_destructive_tool_and_run_it_
     assert json.loads(approvals[0]["result"]) == {"deleted": "N-42"}
     assert ledger.read_text().splitlines() == ['{"deleted": "N-42"}']
     assert [r["status"] for r in executor.audit_rows(tool="delete_note")].count("ok") == 1
+
+
+def test_a_requests_own_headers_reach_the_http_server_only_where_the_operator_allows_them(http_server, tmp_path):
+    from server.errors import InvalidRequestError
+    from server.toolcalls.spec import plan_tools
+
+    url, _ = http_server
+    registry = Registry()
+    add_mcp_servers(registry, [MCPServerConfig(label="dir", url=url, allowed_tools=["whoami"], request_headers=["X-User-Token"])])
+    executor = Executor(registry, connect(sqlite_url(tmp_path / "e.db")))
+    plan = plan_tools([{"type": "server", "name": "mcp:dir", "headers": {"x-user-token": "t-alice"}}], None, None, registry, ALICE)
+    assert plan.mcp_headers == {"dir": {"X-User-Token": "t-alice"}}
+
+    async def scenario():
+        try:
+            own = ToolContext("acme", ALICE.user, "k1", "req-1", mcp_headers=plan.mcp_headers)
+            with_token = (await executor.run([("c1", "whoami", "{}")], ALICE, own))[0]
+            shared = (await executor.run([("c2", "whoami", "{}")], ALICE, ToolContext("acme", ALICE.user, "k1", "req-2")))[0]
+            return with_token, shared
+        finally:
+            await registry.close()
+
+    with_token, shared = run(scenario())
+    assert (with_token.status, with_token.content) == ("ok", "token: t-alice")
+    assert shared.content == "anonymous"  # the shared connection carries the operator's headers only
+    assert "t-alice" not in json.dumps(executor.audit_rows(tool="whoami"))  # never stored
+    with pytest.raises(InvalidRequestError, match="takes no header 'Cookie'") as refused:
+        plan_tools([{"type": "server", "name": "mcp:dir", "headers": {"Cookie": "x"}}], None, None, registry, ALICE)
+    assert refused.value.code == "unsupported_parameter"
+    assert plan_tools([{"type": "server", "name": "whoami", "headers": {"X-User-Token": "t"}}], None, None, registry, ALICE).mcp_headers == {"dir": {"X-User-Token": "t"}}
+    registry.add_pack("desk", [])
+    with pytest.raises(InvalidRequestError, match="only for an MCP server's tools"):
+        plan_tools([{"type": "server", "name": "desk", "headers": {"X-User-Token": "x"}}], None, None, registry, ALICE)
+    with pytest.raises(ValueError, match="request_headers need a `url`"):
+        MCPServerConfig(label="s", command=["python"], request_headers=["X-User-Token"])

@@ -20,9 +20,12 @@ _CITE = re.compile(r"\[(\d{1,2})\]")
 def _echoed_tool(tool: Any) -> Any:
     """A request's tool as the response echoes it: function tools with every field the
     spec requires. `strict` defaults to true, as in OpenAI's Responses API; the server
-    constrains arguments to the schema either way."""
+    constrains arguments to the schema either way. An `mcp` tool's credentials (`headers`,
+    `authorization`) are not echoed: the response is stored."""
     if isinstance(tool, dict) and tool.get("type") == "function":
         return {"type": "function", "name": tool.get("name"), "description": tool.get("description"), "parameters": tool.get("parameters"), "strict": tool.get("strict", True)}
+    if isinstance(tool, dict) and tool.get("type") == "mcp":
+        return {k: v for k, v in tool.items() if k not in ("headers", "authorization")}
     return tool
 
 
