@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from server.auth import Principal
@@ -62,7 +62,6 @@ class NodeOutcome:
     next: str | None = None
     say: str | None = None
     status: str | None = None  # the run's status when the node pauses or ends it
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class WorkflowDirector:
@@ -197,11 +196,9 @@ class WorkflowTurn:
             started = time.time()
             if isinstance(node, RespondNode) and node.prompt is not None:
                 # The one node that streams: the model's answer, over the state.
-                text = ""
                 async for ev in self._answer(turn, progress, generation, node, run, messages):
-                    text += ev.text
                     yield ev
-                step = NodeOutcome(say=None, status=node.outcome, detail={"chars": len(text)})
+                step = NodeOutcome(status=node.outcome)
             else:
                 step = await self._node(turn, progress, generation, name, node, run, messages, resuming=waiting)
             waiting = False
@@ -235,7 +232,7 @@ class WorkflowTurn:
         if isinstance(node, ExtractNode):
             missing = await self._extract(turn, progress, generation, node, state, messages)
             if missing:
-                return NodeOutcome(say=render(node.ask, state), status="waiting", detail={"missing": missing})
+                return NodeOutcome(say=render(node.ask, state), status="waiting")
             return NodeOutcome(next=node.next)
         if isinstance(node, ToolNode):
             return await self._tool(turn, name, node, run, messages)
