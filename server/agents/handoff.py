@@ -17,7 +17,6 @@ model ranks the candidates against the user's message, as it ranks tools
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +45,6 @@ class Handoff:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_seconds: float = 0.0
-    seconds: float = 0.0
     mode: str = "transfer"  # "transfer" (the agent answers the user), "consult" (it answers the caller), "workflow"
 
     def public(self) -> dict[str, Any]:
@@ -72,12 +70,10 @@ class HandoffDecider:
         of `candidates` (agents it may hand off to, and workflows as `workflow:<name>`);
         `engine` (the current agent's, metered) writes a call when the ranking leaves it
         open."""
-        started = time.perf_counter()
         charge = current_charge.get()
         charged = charge.engine_seconds if charge is not None else 0.0
         with tracing.span(f"agent.handoff {current.name}", enclave__agent=current.name) as span:
             decision = await self._decide(current, candidates, text, engine, request_id)
-            decision.seconds = time.perf_counter() - started
             if charge is not None:
                 decision.engine_seconds = charge.engine_seconds - charged
             tracing.set_attributes(
@@ -101,10 +97,11 @@ class HandoffDecider:
             return Handoff(current.name, None, "ranking", scores)
         offered = ranker.pick(ranked)
         handoffs = [t for t in offered if t is not stay]
-        contested = stay in offered
-        if ranker.must_call(ranked) and not contested and len(handoffs) == 1:
+        # A call is due when the ranking says so and staying is not as close a choice.
+        due = ranker.must_call(ranked) and stay not in offered
+        if due and len(handoffs) == 1:
             return Handoff(current.name, self._target(handoffs[0].name), "ranking", scores)
-        choice = "required" if ranker.must_call(ranked) and not contested else "auto"
+        choice = "required" if due else "auto"
         return await self._generate(current, handoffs, choice, text, engine, request_id, scores)
 
     async def _generate(self, current: AgentConfig, tools: list[ToolSpec], choice: str, text: str, engine: Any, request_id: str, scores: dict[str, float]) -> Handoff:

@@ -136,6 +136,17 @@ def _enum_values(node: dict[str, Any], text: str) -> list[Any]:
     return [m for m in members if m in matched or m.lower() in CATCH_ALL]
 
 
+def shaped(node: Any) -> bool:
+    """Whether `candidates` looks for a parameter's values in the conversation: an enum,
+    a string with a pattern, a number."""
+    return isinstance(node, dict) and ("enum" in node or (node.get("type") == "string" and isinstance(node.get("pattern"), str)) or node.get("type") in ("integer", "number"))
+
+
+def has_catch_all(node: Any) -> bool:
+    """Whether an enum has a catch-all member (`other`): one it may always take."""
+    return isinstance(node, dict) and any(isinstance(m, str) and m.lower() in CATCH_ALL for m in node.get("enum") or [])
+
+
 def candidates(node: Any, text: str) -> list[Any]:
     """The values of the conversation one parameter schema may take ([] when it has no
     shape to look for, or nothing fits)."""

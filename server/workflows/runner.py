@@ -32,7 +32,7 @@ from server.telemetry import tracing
 from server.toolcalls.constraint import TEXT, response_format_regex
 from server.toolcalls.executor import Executor, public_action
 from server.toolcalls.format import new_call_id
-from server.toolcalls.grounding import CATCH_ALL, candidates
+from server.toolcalls.grounding import CATCH_ALL, candidates, has_catch_all, shaped
 from server.toolcalls.registry import Tool, ToolContext
 from server.turn.events import Kind, TurnEvent
 from server.turn.state import Progress, Step, Turn
@@ -68,9 +68,12 @@ class WorkflowDirector:
     """The deployment's workflows, served as `workflow:<name>`."""
 
     def __init__(self, workflows: dict[str, WorkflowConfig], store: WorkflowStore, executor: Executor):
+        """Resolves every workflow's tools once (the registry is complete by now): an
+        unknown tool stops start-up with a message naming the workflow."""
         self.workflows = workflows
         self.store = store
         self.executor = executor
+        self.tools = {name: self._tools_of(workflow) for name, workflow in workflows.items()}
 
     @staticmethod
     def is_workflow(model: str) -> bool:
@@ -83,27 +86,26 @@ class WorkflowDirector:
             raise ModelNotFoundError(f"The model `{model}` does not exist (workflows: {known}).", param="model")
         return workflow
 
-    def tools_of(self, workflow: WorkflowConfig) -> dict[str, Tool]:
+    def _tools_of(self, workflow: WorkflowConfig) -> dict[str, Tool]:
         """The server tools its nodes call, by node."""
         out = {}
         for name, node in workflow.nodes.items():
             ref = node.tool if isinstance(node, (ToolNode, HandoffNode)) else None
             if ref:
-                found = self.executor.registry.resolve(ref, param="tools")
+                try:
+                    found = self.executor.registry.resolve(ref, param="tools")
+                except InvalidRequestError as exc:
+                    raise ConfigError(f"workflow {workflow.name}: {exc.message}") from None
                 if len(found) != 1:
-                    raise InvalidRequestError(f"workflow {workflow.name}: node {name} names {ref!r}, which is not one tool")
+                    raise ConfigError(f"workflow {workflow.name}: node {name} names {ref!r}, which is not one tool")
                 out[name] = found[0]
         return out
 
     def check(self, agents: dict[str, Any]) -> None:
-        """At start-up: every tool is enabled, a destructive one is reached only through a
-        confirm node's on_yes, a handoff names a person or a known agent."""
+        """At start-up: a destructive tool is reached only through a confirm node's
+        on_yes, a handoff names a person or a known agent."""
         for workflow in self.workflows.values():
-            try:
-                tools = self.tools_of(workflow)
-            except InvalidRequestError as exc:
-                raise ConfigError(f"workflow {workflow.name}: {exc.message}") from None
-            for name, tool in tools.items():
+            for name, tool in self.tools[workflow.name].items():
                 if tool.destructive and workflow.confirmed_by(name) is None:
                     raise ConfigError(f"workflow {workflow.name}: node {name} calls {tool.name}, which is destructive: make it the `on_yes` of a confirm node")
             for name, node in workflow.nodes.items():
@@ -114,7 +116,7 @@ class WorkflowDirector:
         """The workflow a request asks for (or an agent, `via`, handed it), if the key
         may use every tool it calls (403 otherwise)."""
         workflow = self.named(model)
-        tools = self.tools_of(workflow)
+        tools = self.tools[workflow.name]
         for tool in tools.values():
             if not principal.allows(tool.scope):
                 raise PermissionDeniedError(
@@ -267,7 +269,7 @@ class WorkflowTurn:
                 state[f] = named[0]
             elif found:
                 open_fields[f] = {"enum": found}
-            elif _shaped(schema) and not _has_catch_all(schema):
+            elif shaped(schema) and not has_catch_all(schema):
                 missing.append(f)  # an id, a number or a choice the user has not written
             else:
                 open_fields[f] = schema  # free text, or a choice with a catch-all: the model's
@@ -419,10 +421,3 @@ def _parsed(text: str) -> Any:
     except ValueError:
         return text
 
-
-def _shaped(schema: dict[str, Any]) -> bool:
-    return "enum" in schema or (schema.get("type") == "string" and "pattern" in schema) or schema.get("type") in ("integer", "number")
-
-
-def _has_catch_all(schema: dict[str, Any]) -> bool:
-    return any(isinstance(m, str) and m.lower() in CATCH_ALL for m in schema.get("enum") or [])

@@ -101,6 +101,7 @@ def test_an_ineligible_order_goes_to_a_person(live_server):
     text, wf, extra = _say(alice, "Refund order ORD-5001 please, I cancelled the service.", "wf-ineligible")
     assert wf["path"] == ["identify", "check", "eligible", "ineligible"] and wf["run"]["status"] == "handed_off"
     assert wf["run"]["state"]["order"]["refund_eligible"] is False and text.startswith("I cannot refund order ORD-5001 myself")
+    assert "[instruction removed]" not in text  # the tool's note passed the tool-result rail as it is
     assert [c["name"] for c in extra["server_tool_calls"]] == ["lookup_order", "handoff_to_agent"]
     assert len(_refunds(live_server, "acme")) == refunds and _handoffs(live_server, "acme") == handoffs + 1
 

@@ -274,3 +274,25 @@ def test_an_agent_that_answers_its_caller_may_not_use_destructive_tools(tmp_path
     settings = load_settings(data_dir=tmp_path, rails=False, deployments_dir=_deployment(tmp_path, files), deployment="desk")
     with pytest.raises(ConfigError, match="answers its caller, so it may not use destructive tools"):
         create_app(settings, engine=ScriptedEngine(served_model="scripted", max_model_len=256))
+
+
+def test_an_agent_without_memory_neither_recalls_nor_remembers(tmp_path, embedder):
+    files = {
+        "front": "name: front\ndescription: d\ninstructions: You greet.\n",
+        "private": "name: private\ndescription: d\ninstructions: You keep nothing.\nmemory: false\n",
+    }
+    keys = KeyStore(tmp_path / "keys.json")
+    key, _ = keys.create("acme", "cust_1001", ["chat", "memory"])
+    headers = {"Authorization": f"Bearer {key}"}
+    settings = load_settings(data_dir=tmp_path, rails=False, deployments_dir=_deployment(tmp_path, files), deployment="desk")
+    engine = ScriptedEngine(served_model="scripted", max_model_len=1024)
+    with TestClient(create_app(settings, engine=engine, embedder=embedder)) as client:
+        engine.queue("Noted.", "Noted.")
+        private = _chat(client, key, "My dog is called Biscuit.", model="agent:private", conversation="p-1")
+        assert private.status_code == 200, private.text
+        assert client.get("/v1/memory", headers=headers).json()["data"] == []
+        _chat(client, key, "My dog is called Biscuit.", model="agent:front", conversation="f-1")
+        assert [m["text"] for m in client.get("/v1/memory", headers=headers).json()["data"]] == ["My dog is called Biscuit."]
+        engine.queue("Hello.")
+        again = _chat(client, key, "What is my dog called?", model="agent:private", conversation="p-2").json()
+    assert again["recalled_memories"] == [] and again["agent"]["agent"] == "private"

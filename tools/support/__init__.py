@@ -64,6 +64,17 @@ def _db(ctx: ToolContext) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
+def _customer_order(conn: sqlite3.Connection, ctx: ToolContext, order_id: str) -> sqlite3.Row:
+    order = conn.execute("SELECT * FROM orders WHERE id = ? AND customer_id = ?", (order_id, ctx.user)).fetchone()
+    if order is None:  # another customer's order looks exactly like a missing one
+        raise ToolError(f"no order {order_id} was found for this customer")
+    return order
+
+
+def _refunded_cents(conn: sqlite3.Connection, order_id: str) -> int:
+    return conn.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM refunds WHERE order_id = ?", (order_id,)).fetchone()[0]
+
+
 def _euros(cents: int) -> float:
     return round(cents / 100, 2)
 
@@ -110,16 +121,15 @@ def check_subscription_status(ctx: ToolContext) -> dict[str, Any]:
 def lookup_order(ctx: ToolContext, order_id: OrderId) -> dict[str, Any]:
     """Look up one of the customer's orders by id: item, amount, date placed, what is refunded, and whether a refund is still possible."""
     with _db(ctx) as conn:
-        order = conn.execute("SELECT * FROM orders WHERE id = ? AND customer_id = ?", (order_id, ctx.user)).fetchone()
-        if order is None:  # another customer's order looks exactly like a missing one
-            raise ToolError(f"no order {order_id} was found for this customer")
-        refunded = conn.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM refunds WHERE order_id = ?", (order_id,)).fetchone()[0]
+        order = _customer_order(conn, ctx, order_id)
+        refunded = _refunded_cents(conn, order_id)
     left = order["amount_cents"] - refunded
     limit = _state["refund_limit"]
     if left <= 0:
         eligible, why = False, "the order is fully refunded"
     elif left > round(limit * 100):
-        eligible, why = False, f"a full refund of {_euros(left):.2f} EUR is above the {limit:.2f} EUR the assistant may refund: a human agent must do it"
+        # Worded as a fact, not an order: the tool-result rail neutralises instructions.
+        eligible, why = False, f"a full refund of {_euros(left):.2f} EUR is above the assistant's limit of {limit:.2f} EUR; refunds above it are made by a person"
     else:
         eligible, why = True, f"up to {_euros(left):.2f} EUR can be refunded"
     return {
@@ -135,13 +145,11 @@ def lookup_order(ctx: ToolContext, order_id: OrderId) -> dict[str, Any]:
 
 
 def _refund_check(conn: sqlite3.Connection, ctx: ToolContext, order_id: str, amount: float) -> sqlite3.Row:
-    order = conn.execute("SELECT * FROM orders WHERE id = ? AND customer_id = ?", (order_id, ctx.user)).fetchone()
-    if order is None:
-        raise ToolError(f"no order {order_id} was found for this customer")
+    order = _customer_order(conn, ctx, order_id)
     limit = _state["refund_limit"]
     if amount > limit:
         raise ToolError(f"refunds above {limit:.2f} EUR need a human agent; use handoff_to_agent")
-    refunded = conn.execute("SELECT COALESCE(SUM(amount_cents), 0) FROM refunds WHERE order_id = ?", (order_id,)).fetchone()[0]
+    refunded = _refunded_cents(conn, order_id)
     if round(amount * 100) > order["amount_cents"] - refunded:
         raise ToolError(f"order {order_id} has only {_euros(order['amount_cents'] - refunded):.2f} EUR left to refund")
     return order
