@@ -114,11 +114,17 @@ def _fmt(v: Any, pattern: str = "{:.3f}") -> str:
     return "–" if v is None else pattern.format(v)
 
 
+def _sent(meta: dict[str, Any]) -> str:
+    """How the cases were sent: one request each, or as batches (no latency then)."""
+    batches = meta.get("batches") or []
+    return f"as {len(batches)} batches ({', '.join(batches)})" if batches else f"concurrency {meta['concurrency']}"
+
+
 def markdown(meta: dict[str, Any], summary: dict[str, Any], results: list[dict[str, Any]], comparison: dict[str, Any] | None) -> str:
     lines = [
         f"# Eval report: {meta['model']}",
         "",
-        f"{meta['cases']} cases against `{meta['base_url']}`, concurrency {meta['concurrency']}, {meta['duration_s']} s.",
+        f"{meta['cases']} cases against `{meta['base_url']}`, {_sent(meta)}, {meta['duration_s']} s.",
         "",
         "| category | cases | score | passed | baseline | Δ | allowed drop | p50 latency | p95 latency | cost / case | judge |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

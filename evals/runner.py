@@ -2,10 +2,16 @@
 
     enclave eval --base-url http://gpu-box:8000/v1 --api-key sk-… --concurrency 8
     enclave eval --serve            # start a local server on the default model for the run
+    enclave eval --serve --batch    # the same cases submitted through /v1/batches
 
 Each case is sent the way an application would send it (chat completions, temperature 0):
 tool cases with the support tool pack, grounded cases with the knowledge in
 `evals/knowledge/` (uploaded once into a vector store), memory cases as a conversation.
+With `--batch` the cases go to the server as batches (`/v1/batches`) instead: one batch
+of every case's first request, then one of each conversation's next turn, and so on, so
+a conversation's turns still run in order. The answers are scored by the same scorers
+into the same report; only the per-request latency is not known (a batch's lines run
+in the background), so the latency columns stay empty.
 Scores go to a report (Markdown, JSON, PNG charts) and are compared with a baseline:
 a category whose mean score drops by more than the threshold and more than chance
 explains fails the run (exit 1), which is the deploy gate.
@@ -61,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", help="judge model (default: the evaluated model)")
     p.add_argument("--rescore", type=Path, help="re-score and re-compare an existing report.json instead of running")
     p.add_argument("--serve", action="store_true", help="start a local `enclave serve` (default model) for the run")
+    p.add_argument("--batch", action="store_true", help="submit the cases through the Batch API (/v1/batches) instead of one request each")
 
 
 # ---------------------------------------------------------------- cases
@@ -142,34 +149,77 @@ class Server:
         started = time.perf_counter()
         r = await self.http.post("/chat/completions", json=body)
         latency = time.perf_counter() - started
-        if r.status_code != 200:
-            try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text[:200]
-            return {"error": f"{r.status_code}: {message}", "latency_s": latency}
-        data = r.json()
-        choice = data["choices"][0]
-        message = choice["message"]
-        calls = [{"name": c["name"], "arguments": c["arguments"], "status": c.get("status")} for c in data.get("server_tool_calls") or []]
-        calls += [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message.get("tool_calls") or []]
-        usage = data.get("usage") or {}
-        return {
-            "answer": message.get("content") or "",
-            "finish_reason": choice.get("finish_reason"),
-            "calls": calls,
-            "rails": [f"{g['stage']}:{g['rail']}:{g['action']}" for g in data.get("guardrails") or []],
-            "latency_s": latency,
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "completion_tokens": usage.get("completion_tokens", 0),
-            "cost_usd": (data.get("cost") or {}).get("usd"),
-            "trace_id": r.headers.get("x-trace-id"),
-            # What the answer was chosen from, when the server built it from evidence.
-            "source_answer": data.get("source_answer"),
-        }
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"error": {"message": r.text[:200]}}
+        return outcome(r.status_code, data, latency, r.headers.get("x-trace-id"))
+
+    async def batch(self, bodies: dict[str, dict[str, Any]], poll_s: float = 1.0) -> tuple[str, dict[str, dict[str, Any]]]:
+        """Chat-completion requests by custom id, run as one batch; its id and the
+        outcome of each request, as `chat` gives them (without a latency)."""
+        lines = "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n" for cid, body in bodies.items())
+        up = await self.http.post("/files", files={"file": ("eval-batch.jsonl", lines.encode(), "application/jsonl")}, data={"purpose": "batch"})
+        up.raise_for_status()
+        r = await self.http.post("/batches", json={"input_file_id": up.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        r.raise_for_status()
+        batch = r.json()
+        while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+            await asyncio.sleep(poll_s)
+            r = await self.http.get(f"/batches/{batch['id']}")
+            r.raise_for_status()
+            batch = r.json()
+        if batch["status"] == "failed":
+            raise SystemExit(f"batch {batch['id']} failed: {batch.get('errors')}")
+        outcomes: dict[str, dict[str, Any]] = {}
+        for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
+            if not file_id:
+                continue
+            content = await self.http.get(f"/files/{file_id}/content")
+            content.raise_for_status()
+            for row in content.text.splitlines():
+                item = json.loads(row)
+                response = item.get("response")
+                if response is None:
+                    outcomes[item["custom_id"]] = {"error": f"{(item.get('error') or {}).get('code')}: {(item.get('error') or {}).get('message')}", "latency_s": None}
+                else:
+                    outcomes[item["custom_id"]] = outcome(response["status_code"], response.get("body") or {}, None, None)
+        for cid in bodies:
+            outcomes.setdefault(cid, {"error": "the batch gave no answer for this request", "latency_s": None})
+        return batch["id"], outcomes
 
 
-async def run_case(server: Server, case: dict[str, Any], model: str, store: str | None, run_id: str) -> dict[str, Any]:
+def outcome(status: int, data: dict[str, Any], latency: float | None, trace_id: str | None) -> dict[str, Any]:
+    """What the scorers read of one chat-completion answer, sent alone or in a batch."""
+    if status != 200:
+        try:
+            message = data["error"]["message"]
+        except (KeyError, TypeError):
+            message = str(data)[:200]
+        return {"error": f"{status}: {message}", "latency_s": latency}
+    choice = data["choices"][0]
+    message = choice["message"]
+    calls = [{"name": c["name"], "arguments": c["arguments"], "status": c.get("status")} for c in data.get("server_tool_calls") or []]
+    calls += [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message.get("tool_calls") or []]
+    usage = data.get("usage") or {}
+    return {
+        "answer": message.get("content") or "",
+        "finish_reason": choice.get("finish_reason"),
+        "calls": calls,
+        "rails": [f"{g['stage']}:{g['rail']}:{g['action']}" for g in data.get("guardrails") or []],
+        "latency_s": latency,
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "cost_usd": (data.get("cost") or {}).get("usd"),
+        "trace_id": trace_id,
+        # What the answer was chosen from, when the server built it from evidence.
+        "source_answer": data.get("source_answer"),
+    }
+
+
+def case_requests(case: dict[str, Any], model: str, store: str | None, run_id: str) -> list[dict[str, Any]]:
+    """The requests a case sends, in order: one, or one per turn of a conversation (the
+    last may open a new conversation, so that only episodic memory can carry the fact)."""
     category = case["category"]
     base: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": case.get("max_tokens", MAX_TOKENS.get(category, 64))}
     if category == "tool_selection":
@@ -179,21 +229,51 @@ async def run_case(server: Server, case: dict[str, Any], model: str, store: str 
     if case.get("response_format"):
         base["response_format"] = case["response_format"]
     if "turns" not in case:
-        return await server.chat({**base, "messages": case["messages"]})
-    # A conversation: each turn a request; the last may open a new conversation, so
-    # that only episodic memory can carry the fact.
+        return [{**base, "messages": case["messages"]}]
     conversation = f"eval-{run_id}-{case['id']}"
-    outcome: dict[str, Any] = {}
-    latency = cost = 0.0
+    requests = []
     for i, text in enumerate(case["turns"]):
         last = i == len(case["turns"]) - 1
         name = conversation + ("-b" if last and case.get("new_conversation_for_last") else "")
-        outcome = await server.chat({**base, "messages": [{"role": "user", "content": text}], "conversation": name})
-        latency += outcome.get("latency_s", 0.0)
-        cost += outcome.get("cost_usd") or 0.0
-        if outcome.get("error"):
+        requests.append({**base, "messages": [{"role": "user", "content": text}], "conversation": name})
+    return requests
+
+
+def combine(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A case's outcome from its requests' (they stop at the first error): the last
+    answer, with the latency and cost of them all."""
+    latencies = [o["latency_s"] for o in outcomes if o.get("latency_s") is not None]
+    cost = sum(o.get("cost_usd") or 0.0 for o in outcomes)
+    return {**outcomes[-1], "latency_s": sum(latencies) if latencies else None, "cost_usd": cost}
+
+
+async def run_case(server: Server, case: dict[str, Any], model: str, store: str | None, run_id: str) -> dict[str, Any]:
+    outcomes: list[dict[str, Any]] = []
+    for body in case_requests(case, model, store, run_id):
+        outcomes.append(await server.chat(body))
+        if outcomes[-1].get("error"):
             break
-    return {**outcome, "latency_s": latency, "cost_usd": cost}
+    return outcomes[0] if len(outcomes) == 1 else combine(outcomes)
+
+
+async def run_batches(server: Server, cases: list[dict[str, Any]], model: str, store: str | None, run_id: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every case's outcome through the Batch API: wave k is one batch of each case's
+    k-th request (a case whose earlier request failed sends no more)."""
+    pending = {c["id"]: case_requests(c, model, store, run_id) for c in cases}
+    outcomes: dict[str, list[dict[str, Any]]] = {cid: [] for cid in pending}
+    batch_ids: list[str] = []
+    wave = 0
+    while True:
+        bodies = {f"{cid}#{wave}": reqs[wave] for cid, reqs in pending.items() if len(reqs) > wave and not any(o.get("error") for o in outcomes[cid])}
+        if not bodies:
+            break
+        print(f"  batch {wave + 1}: {len(bodies)} requests", file=sys.stderr)
+        batch_id, got = await server.batch(bodies)
+        batch_ids.append(batch_id)
+        for key, result in got.items():
+            outcomes[key.rsplit("#", 1)[0]].append(result)
+        wave += 1
+    return {cid: (o[0] if len(o) == 1 else combine(o)) for cid, o in outcomes.items()}, batch_ids
 
 
 async def run(args: argparse.Namespace, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,7 +300,16 @@ async def run(args: argparse.Namespace, cases: list[dict[str, Any]]) -> dict[str
                 print(f"  {done}/{len(cases)} cases", file=sys.stderr)
             return {"id": case["id"], "category": case["category"], "score": value, "note": note, "judge": judged, **outcome}
 
-        results = await asyncio.gather(*(one(c) for c in cases))
+        batch_ids: list[str] = []
+        if args.batch:
+            answered, batch_ids = await run_batches(server, cases, model, store, run_id)
+            results = []
+            for case in cases:
+                value, note = score(case, answered[case["id"]])
+                judged = await judge(server.http, args.judge_model or model, case, answered[case["id"]]) if args.judge else None
+                results.append({"id": case["id"], "category": case["category"], "score": value, "note": note, "judge": judged, **answered[case["id"]]})
+        else:
+            results = await asyncio.gather(*(one(c) for c in cases))
         meta = {
             "base_url": args.base_url,
             "model": model,
@@ -229,6 +318,7 @@ async def run(args: argparse.Namespace, cases: list[dict[str, Any]]) -> dict[str
             "concurrency": args.concurrency,
             "cases": len(cases),
             "judge": bool(args.judge),
+            "batches": batch_ids,  # empty: the cases were sent one request each
         }
         return {"run": meta, "results": list(results)}
     finally:
@@ -325,7 +415,8 @@ def main(args: argparse.Namespace) -> int:
             print("starting a local server on the default model…", file=sys.stderr)
             proc, args.base_url, args.api_key, data = start_local_server()
         try:
-            print(f"running {len(cases)} cases against {args.base_url} (concurrency {args.concurrency})", file=sys.stderr)
+            how = "as batches" if args.batch else f"concurrency {args.concurrency}"
+            print(f"running {len(cases)} cases against {args.base_url} ({how})", file=sys.stderr)
             outcome = asyncio.run(run(args, cases))
         except httpx.HTTPError as exc:
             # Setting the run up failed (the server is unreachable, or refused the key).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine as Database
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,8 +25,13 @@ from server.agents.config import AgentConfig, load_agents
 from server.agents.director import AgentDirector
 from server.agents.handoff import HandoffDecider
 from server.auth import KeyStore, authorize
+from server.batches.priority import InteractiveTraffic, InteractiveTrafficMiddleware
+from server.batches.store import BatchStore
+from server.batches.worker import BatchWorker
 from server.checkpoints import verify
 from server.config import Settings
+from server.console import pages as console_pages
+from server.console import session as console_session
 from server.db import connect
 from server.deployments import load_deployment
 from server.embedder import Embedder, packaged_model_dir
@@ -62,10 +67,12 @@ from server.model_registry import ModelRegistry
 from server.profiles import ModelProfile, find_profile
 from server.routes import (
     actions,
+    batches,
     chat,
     docs,
     embeddings,
     files,
+    guardrails,
     health,
     memory,
     models,
@@ -140,6 +147,10 @@ class Runtime:
         self.agents: AgentDirector | None = None  # the deployment's agents, when it declares any
         self.workflows: WorkflowDirector | None = None  # and its workflows
         self._warming: asyncio.Task | None = None  # precompiling after an engine restart
+        self.guard_audit: GuardAudit | None = None
+        self.traffic = InteractiveTraffic()  # what the batch worker gives way to
+        self.batch_store: BatchStore | None = None
+        self.batch_worker: BatchWorker | None = None
 
     @property
     def embedder(self) -> Embedder | None:
@@ -280,6 +291,21 @@ class Runtime:
             raise ServiceUnavailableError("conversations, memory and knowledge are not enabled on this server")
         return self.memory
 
+    def require_batches(self) -> tuple[BatchStore, BatchWorker]:
+        if self.batch_store is None or self.batch_worker is None:
+            raise ServiceUnavailableError("batches need the server's files store (memory services), which is not enabled")
+        return self.batch_store, self.batch_worker
+
+    def start_batches(self, app: FastAPI) -> None:
+        """The batch worker sends lines through `app` itself; it waits for the models."""
+        if self.memory is None or self.db is None:
+            return
+        s = self.settings
+        self.batch_store = BatchStore(self.db, self.memory.knowledge)
+        owner = "batch-" + lease_owner(socket.gethostname(), s.port, s.data_dir.resolve()).removeprefix("ingest-")
+        self.batch_worker = BatchWorker(self.batch_store, app, self.keys, self.traffic, s.batch_concurrency, lambda: self.ready, owner)
+        self.batch_worker.start()
+
     def require_forgetter(self) -> Forgetter:
         self.require_memory()
         assert self.forgetter is not None
@@ -347,6 +373,8 @@ class Runtime:
         os.kill(os.getpid(), signal.SIGTERM)
 
     async def close(self) -> None:
+        if self.batch_worker is not None:
+            await self.batch_worker.close()
         if self.ingest is not None:
             await self.ingest.close()
         for serving in self.servings.values():
@@ -377,12 +405,17 @@ def _validation_error(exc: RequestValidationError) -> EnclaveError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # The console's pages answer errors as pages (or the sign-in page), the API as JSON.
     @app.exception_handler(EnclaveError)
-    async def _enclave(request: Request, exc: EnclaveError) -> JSONResponse:
+    async def _enclave(request: Request, exc: EnclaveError) -> Response:
+        if console_session.is_console(request.url.path):
+            return console_pages.error_page(request, exc)
         return _error_json(exc, exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        if console_session.is_console(request.url.path):
+            return console_pages.error_page(request, _validation_error(exc))
         return _error_json(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -482,6 +515,7 @@ def create_app(
     embedder_handle: Late[Embedder] = Late(embedder)
     engine_handle: Late[Engine] = Late()
     guard = None
+    guard_audit = GuardAudit(db)  # the rails' audit log: written by the guard, read by the API
     if settings.rails:
         # Loaded and validated before binding: a broken rails/ stops start-up here.
         rails_dirs = [settings.rails_dir] + ([deployment.rails_dir] if deployment.rails_dir else [])
@@ -489,7 +523,7 @@ def create_app(
             rails_dirs,
             metrics,
             settings.rails_canary,
-            audit=GuardAudit(db),
+            audit=guard_audit,
             embedder=embedder_handle,
             engine=engine_handle,
             compiled=settings.rails_compiled,
@@ -499,6 +533,7 @@ def create_app(
     otlp = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
     tracing = Tracing(db, otlp, settings.trace_retention_days)
     runtime = Runtime(settings, metrics, KeyStore(settings.resolved_keys_file), executor, memory_services, guard, tracing, db, embedder_handle, engine_handle)
+    runtime.guard_audit = guard_audit
     if engine is None:
         runtime.profile = find_profile(settings.profiles_dir, settings.model)
         runtime.models.expected = (runtime.profile.served_names, runtime.profile.context_length)
@@ -521,6 +556,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        runtime.start_batches(app)
         loader = None
         if engine is not None:
             runtime.attach(engine, embedder, others)
@@ -553,12 +589,16 @@ def create_app(
         vector_stores.router,
         memory.router,
         actions.router,
+        batches.router,
         traces.router,
+        guardrails.router,
         usage.router,
+        console_pages.router,
     ):
         app.include_router(router)
     check_route_scopes(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DeadlineMiddleware, timeout_s=settings.request_timeout_s, stall_s=settings.stall_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(InteractiveTrafficMiddleware, traffic=runtime.traffic)
     return app

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Request
 
 from server import scopes as S
+from server.console import session as console
 from server.errors import AuthenticationError, ConfigError, PermissionDeniedError
 
 KEY_PREFIX = "sk-enclave-"
@@ -39,6 +40,9 @@ class Principal:
     def allows(self, scope: str) -> bool:
         return S.grants(self.scopes, scope)
 
+
+# The ASGI scope key of a request this server sends itself (server/in_process.py).
+IN_PROCESS_CALLER = "enclave.caller"
 
 # Who is calling when the deployment has no keys (loopback only, or --insecure): the
 # operator at the machine, with every scope.
@@ -89,6 +93,10 @@ class KeyStore:
         record = self._by_hash.get(_digest(secret))
         if record is None:
             return None
+        return self._principal(record)
+
+    @staticmethod
+    def _principal(record: dict[str, Any]) -> Principal:
         return Principal(
             tenant=record["tenant"],
             user=record["user"],
@@ -97,6 +105,15 @@ class KeyStore:
             vector_store_ids=tuple(record.get("vector_store_ids") or ()),
             budget_usd=record.get("budget_usd"),
         )
+
+    def principal_for(self, key_id: str | None) -> Principal | None:
+        """Who a key is now (its scopes and budget as the file says), by its id; None when
+        it was revoked. Without keys (loopback), the anonymous operator."""
+        self._refresh()
+        if not self._by_hash:
+            return ANONYMOUS
+        record = next((r for r in self._by_hash.values() if r["id"] == key_id), None)
+        return self._principal(record) if record is not None else None
 
     def list(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k != "hash"} for r in self._records()]
@@ -183,7 +200,22 @@ async def authorize(request: Request) -> Principal | None:
         raise PermissionDeniedError("this route declares no scope", code="route_without_scope")
     if needed == S.PUBLIC or (needed == S.ANY_KEY and request.app.state.settings.public_docs):
         return None
+    caller = request.scope.get(IN_PROCESS_CALLER)
+    if caller is not None:
+        # Sent by this server to itself as one of its callers (server/in_process.py): a
+        # batch's line as its creator, a console page as the signed-in key.
+        principal = caller.principal
+        if needed != S.ANY_KEY and not principal.allows(needed):
+            raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
+        request.state.principal = principal
+        return principal
     store: KeyStore = request.app.state.keys
+    if console.is_console(request.url.path):
+        principal = await _console_principal(request, store)
+        if needed not in (S.ANY_KEY, S.SIGNED_IN) and not principal.allows(needed):
+            raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
+        request.state.principal = principal
+        return principal
     if not store.enabled:
         return ANONYMOUS
     header = request.headers.get("authorization", "")
@@ -198,4 +230,19 @@ async def authorize(request: Request) -> Principal | None:
     if needed != S.ANY_KEY and not principal.allows(needed):
         raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
     request.state.principal = principal
+    return principal
+
+
+async def _console_principal(request: Request, store: KeyStore) -> Principal:
+    """A console page's caller: the key of its session cookie (server/console/session.py),
+    checked like a bearer key; a form post must also carry its CSRF token."""
+    if not store.enabled:  # no keys (loopback only): the operator at the machine
+        principal, key = ANONYMOUS, console.ANONYMOUS_SECRET
+    else:
+        key = console.secret(request) or ""
+        principal = store.authenticate(key) if key else None
+        if principal is None:
+            raise AuthenticationError("Sign in to the console with an API key.", code="console_sign_in")
+    if request.method not in ("GET", "HEAD"):
+        await console.check_csrf(request, key)
     return principal

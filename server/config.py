@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     ingest_timeout_s: float = Field(3600.0, gt=0)
     # While chats are running, indexing takes at most this share of the embedder's time.
     ingest_share: float = Field(0.5, gt=0, le=1)
+    # Where `enclave eval` writes its reports (its --out default); the console lists them.
+    eval_reports_dir: Path = Path("evals/reports")
+    # Batches (server/batches): lines run at once while no interactive request is in
+    # flight (none start while one is), and the most lines one input file may hold.
+    batch_concurrency: int = Field(4, ge=1, le=64)
+    batch_max_lines: int = Field(50_000, ge=1)
     # Memories recalled into a turn.
     memory_recall_k: int = Field(4, ge=0, le=32)
     # Answers kept and given again for repeated questions (server/memory/response_cache.py).

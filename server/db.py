@@ -141,6 +141,60 @@ workflow_runs = Table(
     Index("ix_workflow_runs_conversation", "tenant", "user", "conversation_id", "workflow"),
 )
 
+# Batches (server/batches): one row per batch with its status, counts and timestamps, and
+# one row per input line with its result, written as each line finishes. A restarted
+# server (or another replica, once the lease runs out) goes on from the first line not
+# done, and nothing a line already answered is lost or run twice.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("key_id", String(64)),  # whose scopes and budget the lines run under
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    # validating | failed | in_progress | finalizing | completed | expired | cancelling | cancelled
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("errors", Text),  # JSON: the input file's problems, when it failed validation
+    Column("metadata", Text),  # JSON: the client's key-value pairs
+    Column("total", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("input_tokens", Integer, nullable=False, default=0),  # of the lines answered
+    Column("output_tokens", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Float),
+    Index("ix_batches_tenant", "tenant", "created_at"),
+    Index("ix_batches_status", "status"),
+)
+
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, as in the input file
+    Column("custom_id", String(512), nullable=False),
+    Column("body", Text, nullable=False),  # JSON: the request's body
+    Column("status_code", Integer),  # None: not done yet
+    Column("request_id", String(64)),
+    Column("response", Text),  # JSON: the response body (an error body for a 4xx/5xx)
+    Column("error", Text),  # JSON {code, message}: the line got no response (expired, cancelled)
+    Column("finished_at", Float),
+)
+
 # Per-key spend against its budget, and the holds of requests in progress. A request is
 # admitted in one transaction that locks its key's row, drops expired holds and adds its
 # own only if spent + held + its hold stays within the limit: concurrent requests (and

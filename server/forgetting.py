@@ -2,9 +2,10 @@
 transaction (all or nothing), then the database's free pages are overwritten.
 
 The stores (each the one owner of its tables): conversations and turns, the tool audit,
-pending actions, the guard audit, traces, usage (kept for spend, anonymised) and the
-response cache's personal answers. The user's episodic memories live in SQL and Chroma
-and are forgotten by EpisodicMemory; the cache's vectors by ResponseCache.
+pending actions, the guard audit, traces, usage (kept for spend, anonymised), the
+response cache's personal answers, workflow runs and batches. The user's episodic
+memories live in SQL and Chroma and are forgotten by EpisodicMemory; the cache's vectors
+by ResponseCache.
 `Forgetter` is what the API calls: memories, then the rest, then their counts.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 
+from server.batches.store import BatchStore
 from server.db import purge_wal
 from server.guard import GuardAudit
 from server.memory.conversations import ConversationStore
@@ -40,6 +42,7 @@ STORES: tuple[Forget, ...] = (
     UsageLedger.forget,
     ResponseCache.forget,
     WorkflowStore.forget,
+    BatchStore.forget,
 )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 from nemoguardrails.rails.llm.options import RailStatus
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 
 from server.canary import new_canary
 from server.db import guard_events
@@ -597,6 +597,29 @@ class GuardAudit:
     @staticmethod
     def forget(conn: Any, tenant: str, user: str) -> dict[str, int]:
         return {"guard_events": conn.execute(delete(guard_events).where(guard_events.c.tenant == tenant, guard_events.c.user == user)).rowcount or 0}
+
+    def fired(self, request_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+        """The rails that acted in each of these turns (stage, rail, action), in order."""
+        g = guard_events.c
+        out: dict[str, list[dict[str, str]]] = {}
+        if not request_ids:
+            return out
+        with self.db.connect() as conn:
+            rows = conn.execute(select(g.request_id, g.stage, g.rail, g.action).where(g.request_id.in_(request_ids)).order_by(g.id))
+            for r in rows:
+                out.setdefault(r.request_id, []).append({"stage": r.stage, "rail": r.rail, "action": r.action})
+        return out
+
+    def summary(self, tenant: str, since: float, bucket_s: float) -> list[dict[str, Any]]:
+        """Events counted by time bucket, stage, rail and action (one tenant's)."""
+        g = guard_events.c
+        counts: dict[tuple[float, str, str, str], int] = {}
+        query = select(g.at, g.stage, g.rail, g.action).where(g.tenant == tenant, g.at >= since)
+        with self.db.connect() as conn:
+            for r in conn.execute(query):
+                key = (since + ((r.at - since) // bucket_s) * bucket_s, r.stage, r.rail, r.action)
+                counts[key] = counts.get(key, 0) + 1
+        return [{"bucket_start": k[0], "stage": k[1], "rail": k[2], "action": k[3], "count": n} for k, n in sorted(counts.items())]
 
     def write(self, request_id: str, tenant: str, user: str, events: list[GuardEvent]) -> None:
         if not events:

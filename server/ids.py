@@ -27,6 +27,8 @@ PREFIXES = {
     "mcp_list_tools": "mcpl_",
     "mcp_approval_response": "mcpr_",
     "workflow_run": "wfr_",
+    "batch": "batch_",
+    "batch_request": "batch_req_",
 }
 
 

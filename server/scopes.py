@@ -14,6 +14,8 @@ from collections.abc import Iterable
 # Not scopes, markers: a route anyone may call (probes), and one any valid key may call.
 PUBLIC = "<public>"
 ANY_KEY = "<any key>"
+# A console page any signed-in key may open (it shows only what the key's scopes allow).
+SIGNED_IN = "<signed in>"
 
 CHAT = "chat"
 EMBEDDINGS = "embeddings"
@@ -72,11 +74,40 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/v1/memory"): MEMORY,
     ("DELETE", "/v1/memory/{memory_id}"): MEMORY,
     ("DELETE", "/v1/memory"): MEMORY,
+    # A batch needs chat, and at creation the scope of its endpoint; each line is then
+    # checked as the request it is.
+    ("POST", "/v1/batches"): CHAT,
+    ("GET", "/v1/batches"): CHAT,
+    ("GET", "/v1/batches/{batch_id}"): CHAT,
+    ("POST", "/v1/batches/{batch_id}/cancel"): CHAT,
     ("GET", "/v1/actions"): ACTIONS,
     ("GET", "/v1/actions/{action_id}"): ACTIONS,
     ("POST", "/v1/actions/{action_id}/approve"): ACTIONS,
     ("POST", "/v1/actions/{action_id}/cancel"): ACTIONS,
+    ("GET", "/v1/traces"): TRACES,
     ("GET", "/v1/traces/{trace_id}"): TRACES,
+    ("GET", "/v1/guardrails/events"): TRACES,
+    # The console (server/console): its sign-in page and stylesheet are open; each page
+    # needs the scope of the API it shows, and shows only what the key may see there.
+    ("GET", "/console/static/console.css"): PUBLIC,
+    ("GET", "/console/login"): PUBLIC,
+    ("POST", "/console/login"): PUBLIC,
+    ("POST", "/console/logout"): SIGNED_IN,
+    ("GET", "/console"): SIGNED_IN,
+    ("GET", "/console/actions"): SIGNED_IN,
+    ("POST", "/console/actions/{action_id}/approve"): ACTIONS,
+    ("POST", "/console/actions/{action_id}/cancel"): ACTIONS,
+    ("GET", "/console/turns"): TRACES,
+    ("GET", "/console/traces/{trace_id}"): TRACES,
+    ("GET", "/console/guardrails"): TRACES,
+    ("GET", "/console/usage"): USAGE,
+    ("GET", "/console/evals"): TRACES,
+    ("GET", "/console/evals/{run}"): TRACES,
+    ("GET", "/console/evals/{run}/charts/{chart}"): TRACES,
+    ("GET", "/console/memory"): MEMORY_ADMIN,
+    ("POST", "/console/memory/{memory_id}/delete"): MEMORY_ADMIN,
+    ("POST", "/console/memory/forget"): MEMORY_ADMIN,
+    ("GET", "/console/batches"): CHAT,
     # One's own tenant; usage:admin sees every tenant.
     ("GET", "/v1/usage"): USAGE,
 }

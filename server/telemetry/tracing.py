@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as Database
 
@@ -273,6 +273,22 @@ class TraceStore:
         ids = select(trace_spans.c.trace_id).where(trace_spans.c.tenant == tenant, trace_spans.c.user == user).scalar_subquery()
         return {"trace_spans": conn.execute(delete(trace_spans).where(trace_spans.c.trace_id.in_(ids))).rowcount or 0}
 
+    def turns(self, tenant: str | None, q: str | None = None, before: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Turns newest first, from their root spans (the only spans naming a tenant):
+        `q` matches the user, the trace id or any (masked) attribute; `before` pages."""
+        c = trace_spans.c
+        query = select(trace_spans).where(c.tenant.is_not(None))
+        if tenant is not None:
+            query = query.where(c.tenant == tenant)
+        if before is not None:
+            query = query.where(c.start_time < before)
+        if q:
+            pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query = query.where(or_(c.user.like(pattern, escape="\\"), c.trace_id.like(pattern, escape="\\"), c.attributes.like(pattern, escape="\\")))
+        with self.db.connect() as conn:
+            rows = conn.execute(query.order_by(c.start_time.desc()).limit(limit)).mappings().all()
+        return [turn_summary(_span_out(r), r["tenant"], r["user"]) for r in rows]
+
     def get(self, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
         """The trace's spans in start order; empty when it does not exist or its root
         belongs to another tenant (None: any tenant, for the operator's CLI)."""
@@ -296,6 +312,29 @@ def _span_out(r: Mapping[str, Any]) -> dict[str, Any]:
         "duration_ms": round((r["end_time"] - r["start_time"]) * 1000, 3),
         "status": r["status"],
         "attributes": json.loads(r["attributes"] or "{}"),
+    }
+
+
+def turn_summary(root: dict[str, Any], tenant: str, user: str) -> dict[str, Any]:
+    """One line of the turns list: who, which model and route, how it ended, its cost."""
+    a = root["attributes"]
+    return {
+        "object": "trace.turn",
+        "trace_id": root["trace_id"],
+        "request_id": a.get("gen_ai.response.id"),
+        "start_time": root["start_time"],
+        "duration_ms": root["duration_ms"],
+        "tenant": tenant,
+        "user": user,
+        "api": a.get("enclave.api"),
+        "model": a.get("gen_ai.response.model") or a.get("gen_ai.request.model"),
+        "agent": a.get("gen_ai.agent.name") if a.get("enclave.agent.asked") else None,
+        "route": a.get("enclave.route.reason"),
+        "outcome": a.get("enclave.outcome") or root["status"],
+        "refused": bool(a.get("enclave.guard.refused")),
+        "cost_usd": a.get("enclave.cost_usd"),
+        "input_tokens": a.get("gen_ai.usage.input_tokens"),
+        "output_tokens": a.get("gen_ai.usage.output_tokens"),
     }
 
 

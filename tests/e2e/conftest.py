@@ -197,6 +197,8 @@ def live_server(tmp_path_factory, mcp_servers) -> LiveServer:
     env = {
         **server_env(),
         "ENCLAVE_DATA_DIR": str(data_dir),
+        # Where the console finds eval reports (tests/e2e/test_console.py writes one there).
+        "ENCLAVE_EVAL_REPORTS_DIR": str(data_dir / "eval-reports"),
         "ENCLAVE_TOOL_PACKS": '["support", "tests.e2e.faulty_tools"]',
         # Tenant beta starts with records of its own; every other tenant with the demo's.
         "ENCLAVE_TOOL_OPTIONS": json.dumps({"support": {"refund_limit": 50, "seed": str(SUPPORT_SEED)}}),

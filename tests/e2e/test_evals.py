@@ -72,3 +72,24 @@ def test_a_slice_runs_against_the_live_server_and_the_gate_catches_a_regression(
     for name in weak:
         assert name in gated.stderr
     assert json.loads((tmp_path / "gated" / "report.json").read_text())["comparison"]["regressions"]
+
+
+def test_the_batch_runner_gives_the_interactive_runners_report(live_server, tmp_path):
+    """`enclave eval --batch` sends the same cases through /v1/batches (multi-turn cases
+    as one batch per turn): the same scores, case by case."""
+    runs = {}
+    for mode in ("interactive", "batch"):
+        out = tmp_path / mode
+        done = enclave(
+            "eval", "--base-url", live_server.base_url, "--api-key", live_server.key, "--per-category", "1", "--seed", "3",
+            "--out", str(out), "--no-baseline", *(["--batch"] if mode == "batch" else []), env=live_server.env, timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[mode] = json.loads((out / "report.json").read_text())
+    interactive, batch = runs["interactive"], runs["batch"]
+    assert batch["run"]["batches"] and not interactive["run"]["batches"]
+    assert len(batch["run"]["batches"]) >= 2  # the memory case's turns, one batch each
+    assert {r["id"]: r["score"] for r in batch["results"]} == {r["id"]: r["score"] for r in interactive["results"]}
+    assert {n: c["score"] for n, c in batch["categories"].items()} == {n: c["score"] for n, c in interactive["categories"].items()}
+    assert all(r.get("latency_s") is None and r["cost_usd"] is not None for r in batch["results"] if not r.get("error"))
+    assert "as " in (tmp_path / "batch" / "report.md").read_text() and "batches (" in (tmp_path / "batch" / "report.md").read_text()

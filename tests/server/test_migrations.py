@@ -21,7 +21,7 @@ from server.migrate import BASELINE
 
 def test_migrations_build_the_declared_schema(db_url):
     engine = connect(db_url)
-    assert migrate.current(engine) == migrate.head() == "0007"
+    assert migrate.current(engine) == migrate.head() == "0008"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == [], diff

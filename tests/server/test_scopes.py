@@ -25,7 +25,8 @@ def test_every_route_has_a_scope_and_every_scope_a_route(app):
     assert declared == set(ROUTE_SCOPES)
     assert all(not isinstance(r, APIRoute) or r.dependant.dependencies for r in app.routes)
     public = {path for (_, path), scope in ROUTE_SCOPES.items() if scope == PUBLIC}
-    assert public == {"/health", "/ready"}
+    # The probes, and the console's sign-in page and stylesheet (no session yet).
+    assert public == {"/health", "/ready", "/console/login", "/console/static/console.css"}
 
 
 def test_a_route_without_a_scope_stops_start_up(tmp_path):

@@ -12,6 +12,8 @@ from sqlalchemy import insert, select
 
 from server.auth import ANONYMOUS
 from server.db import (
+    batch_lines,
+    batches,
     connect,
     conversations,
     guard_events,
@@ -297,13 +299,21 @@ def test_forgetting_a_user_asks_each_store_and_keeps_others(db_url):
                     status="waiting", state="{}", version=1, created_at=now, updated_at=now,
                 )
             )
+            conn.execute(
+                insert(batches).values(
+                    id=f"batch_{user}", tenant="t", user=user, endpoint="/v1/chat/completions", input_file_id="file-x", completion_window="24h",
+                    status="completed", total=1, completed=1, failed=0, input_tokens=1, output_tokens=1, created_at=now, expires_at=now + 60,
+                )
+            )
+            conn.execute(insert(batch_lines).values(batch_id=f"batch_{user}", line=1, custom_id="a", body="{}", status_code=200, finished_at=now))
         # A personal cached answer of each user, and one shared by the tenant's users.
         for entry, user in (("rc_ann", "ann"), ("rc_bob", "bob"), ("rc_shared", None)):
             conn.execute(insert(response_cache).values(id=entry, tenant="t", user=user, model="m", exact_key="e", context_key="c", answer="a", finish_reason="stop", created_at=now, expires_at=now + 60))
     counts = forget_user(db, "t", "ann")
-    assert counts == {"turns": 1, "conversations": 1, "tool_audit": 1, "pending_actions": 0, "guard_events": 1, "trace_spans": 0, "response_cache": 1, "workflow_runs": 1}
+    assert counts == {"turns": 1, "conversations": 1, "tool_audit": 1, "pending_actions": 0, "guard_events": 1, "trace_spans": 0, "response_cache": 1, "workflow_runs": 1, "batches": 1, "batch_lines": 1}
     with db.connect() as conn:
         assert conn.execute(select(conversations.c.user)).scalars().all() == ["bob"]
+        assert conn.execute(select(batch_lines.c.batch_id)).scalars().all() == ["batch_bob"]
         assert conn.execute(select(workflow_runs.c.user)).scalars().all() == ["bob"]
         assert sorted(conn.execute(select(response_cache.c.id)).scalars().all()) == ["rc_bob", "rc_shared"]
         assert sorted(conn.execute(select(usage_records.c.user)).scalars().all()) == ["[forgotten]", "bob"]

@@ -1,0 +1,1 @@
+"""The Batch API: `/v1/batches` over an uploaded JSONL file, run by a low-priority worker."""
