@@ -145,10 +145,10 @@ def main() -> None:
             stop(proc)
     print(f"interactive requests per condition: {len(ttft['idle'])}; streamed, max_tokens 16; batch and load lines max_tokens 32; real engine, rails on")
     base_ttft, base_total = statistics.median(ttft["idle"]), statistics.median(total["idle"])
-    for mode in ttft:
-        p50t, p50w = statistics.median(ttft[mode]), statistics.median(total[mode])
+    for mode, firsts in ttft.items():
+        p50t, p50w = statistics.median(firsts), statistics.median(total[mode])
         print(
-            f"{mode:6s} TTFT p50 {p50t * 1000:7.1f} ms (ratio {p50t / base_ttft:.2f})  p90 {sorted(ttft[mode])[int(0.9 * (len(ttft[mode]) - 1))] * 1000:7.1f} ms"
+            f"{mode:6s} TTFT p50 {p50t * 1000:7.1f} ms (ratio {p50t / base_ttft:.2f})  p90 {sorted(firsts)[int(0.9 * (len(firsts) - 1))] * 1000:7.1f} ms"
             f"  latency p50 {p50w * 1000:7.1f} ms (ratio {p50w / base_total:.2f})"
         )
     print(f"batch lines answered while the user was active: {statistics.fmean(rates):.2f} lines/s")

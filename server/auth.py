@@ -204,18 +204,10 @@ async def authorize(request: Request) -> Principal | None:
     if caller is not None:
         # Sent by this server to itself as one of its callers (server/in_process.py): a
         # batch's line as its creator, a console page as the signed-in key.
-        principal = caller.principal
-        if needed != S.ANY_KEY and not principal.allows(needed):
-            raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
-        request.state.principal = principal
-        return principal
+        return _admit(request, caller.principal, needed)
     store: KeyStore = request.app.state.keys
     if console.is_console(request.url.path):
-        principal = await _console_principal(request, store)
-        if needed not in (S.ANY_KEY, S.SIGNED_IN) and not principal.allows(needed):
-            raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
-        request.state.principal = principal
-        return principal
+        return _admit(request, await _console_principal(request, store), needed)
     if not store.enabled:
         return ANONYMOUS
     header = request.headers.get("authorization", "")
@@ -227,7 +219,12 @@ async def authorize(request: Request) -> Principal | None:
     principal = store.authenticate(secret.strip())
     if principal is None:
         raise AuthenticationError("Incorrect API key provided.")
-    if needed != S.ANY_KEY and not principal.allows(needed):
+    return _admit(request, principal, needed)
+
+
+def _admit(request: Request, principal: Principal, needed: str) -> Principal:
+    """The caller, once known, against the route's scope."""
+    if needed not in (S.ANY_KEY, S.SIGNED_IN) and not principal.allows(needed):
         raise PermissionDeniedError(f"this API key lacks the '{needed}' scope")
     request.state.principal = principal
     return principal
@@ -243,6 +240,7 @@ async def _console_principal(request: Request, store: KeyStore) -> Principal:
         principal = store.authenticate(key) if key else None
         if principal is None:
             raise AuthenticationError("Sign in to the console with an API key.", code="console_sign_in")
+    request.state.console_secret = key  # what the page's form tokens derive from
     if request.method not in ("GET", "HEAD"):
         await console.check_csrf(request, key)
     return principal

@@ -177,6 +177,7 @@ batches = Table(
     Column("cancelled_at", Float),
     Column("lease_owner", String(64)),
     Column("lease_until", Float),
+    Column("served_at", Float),  # when a worker last gave it its turn: batches take turns
     Index("ix_batches_tenant", "tenant", "created_at"),
     Index("ix_batches_status", "status"),
 )

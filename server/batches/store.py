@@ -214,13 +214,16 @@ class BatchStore:
     # ---------------------------------------------------------------- the worker's side
 
     def claim(self, owner: str) -> Batch | None:
-        """The oldest batch with work left that no other live worker holds, now held by
-        `owner` (a lease it renews; a worker that died lets go when it runs out)."""
+        """The batch with work left that waited longest for its turn (never served
+        first, then the least recently served, then the oldest) and that no other live
+        worker holds, now held by `owner` (a lease it renews; a worker that died lets go
+        when it runs out)."""
         b = batches.c
         now = time.time()
         free = or_(b.lease_owner.is_(None), b.lease_until < now, b.lease_owner == owner)
+        turn = (b.served_at.is_not(None), b.served_at, b.created_at)
         with self.db.begin() as conn:
-            for row in conn.execute(select(batches).where(b.status.in_(ACTIVE), free).order_by(b.created_at).limit(8)).mappings():
+            for row in conn.execute(select(batches).where(b.status.in_(ACTIVE), free).order_by(*turn).limit(8)).mappings():
                 taken = conn.execute(update(batches).where(b.id == row["id"], free).values(lease_owner=owner, lease_until=now + LEASE_S))
                 if taken.rowcount == 1:
                     return Batch(row["id"], row["tenant"], row["user"], row["key_id"], row["endpoint"], row["input_file_id"], row["status"], row["expires_at"])
@@ -234,6 +237,20 @@ class BatchStore:
             if held.rowcount != 1:
                 return None
             return conn.execute(select(b.status).where(b.id == batch_id)).scalar()
+
+    def others_waiting(self, batch_id: str) -> bool:
+        """Whether another batch with work left waits for a worker."""
+        b = batches.c
+        now = time.time()
+        free = or_(b.lease_owner.is_(None), b.lease_until < now)
+        with self.db.connect() as conn:
+            return conn.execute(select(b.id).where(b.status.in_(ACTIVE), b.id != batch_id, free).limit(1)).first() is not None
+
+    def yield_turn(self, batch_id: str, owner: str) -> None:
+        """Give the batch back after its turn: it waits behind the others now."""
+        b = batches.c
+        with self.db.begin() as conn:
+            conn.execute(update(batches).where(b.id == batch_id, b.lease_owner == owner).values(lease_owner=None, lease_until=None, served_at=time.time()))
 
     def release(self, owner: str) -> None:
         """Give back every batch held: the next server takes them up at once."""

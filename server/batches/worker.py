@@ -9,7 +9,8 @@ network is skipped; the creator's key is looked up as it is now, so a revoked ke
 batch stops.
 
 Interactive requests come first (server/batches/priority.py): no line starts while one
-is in flight. A line answered 503 (the engine restarting, the model loading) is not a
+is in flight. Batches take turns: after `TURN_LINES` lines a batch goes behind any other
+that waits. A line answered 503 (the engine restarting, the model loading) is not a
 result: it runs again once the server serves. Each result is written as the line ends,
 so a server stopped mid-batch, or killed, goes on from the first line not done.
 """
@@ -37,6 +38,9 @@ RENEW_S = 2.0  # how often the lease is renewed (and a cancel seen while lines w
 IDLE_POLL_S = 2.0  # how often an idle worker looks for batches (other replicas' included)
 GATE_POLL_S = 0.05  # how often a held-back line looks again at interactive traffic
 RETRY_S = 2.0  # a line answered 503 runs again after this
+# Lines a batch runs before it gives its turn to another waiting batch: one tenant's
+# large batch does not hold another's small one back for hours.
+TURN_LINES = 32
 
 
 class BatchWorker:
@@ -116,6 +120,7 @@ class BatchWorker:
         write its files. Lines already running always finish and are recorded."""
         running: set[asyncio.Task] = set()
         after = 0  # the last line started
+        started = 0  # lines started in this turn
         status: str | None = await asyncio.to_thread(self.store.status, batch.id)
         renewed = time.monotonic()
         async with in_process.client(self.app, self._creator(batch)) as client:
@@ -133,6 +138,12 @@ class BatchWorker:
                         code, message, final = ending
                         await asyncio.to_thread(self.store.close_unrun, batch.id, code, message)
                         await asyncio.to_thread(self.store.finish, batch, final)
+                        return
+                    if started >= TURN_LINES and await asyncio.to_thread(self.store.others_waiting, batch.id):
+                        if running:  # the turn ends when its lines are recorded
+                            await asyncio.wait(running, timeout=RENEW_S)
+                            continue
+                        await asyncio.to_thread(self.store.yield_turn, batch.id, self.owner)
                         return
                     free = self.traffic.lines_allowed(self.concurrency) - len(running)
                     if free <= 0 or not self.ready():
@@ -154,7 +165,7 @@ class BatchWorker:
                         await asyncio.to_thread(self.store.finish, batch, "completed")
                         return
                     for number, body in lines:
-                        after = number
+                        after, started = number, started + 1
                         task = asyncio.create_task(self._line(client, batch, number, body))
                         running.add(task)
                         task.add_done_callback(running.discard)

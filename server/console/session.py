@@ -41,8 +41,9 @@ def secret(request: Request) -> str | None:
 
 
 def form_secret(request: Request) -> str:
-    """What this page's form tokens derive from: the session's key, or the process's."""
-    return secret(request) or ANONYMOUS_SECRET
+    """What this page's form tokens derive from: the session's key (as `authorize` took
+    it), or the process's own secret when there are no keys or no session."""
+    return getattr(request.state, "console_secret", None) or ANONYMOUS_SECRET
 
 
 def csrf_token(key: str) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from server.app import create_app
 from server.auth import KeyStore
+from server.batches import worker as worker_module
 from server.batches.lines import read_lines
 from server.batches.priority import QUIET_S, InteractiveTraffic
 from server.config import load_settings
@@ -286,3 +287,20 @@ def test_forgetting_a_user_deletes_their_batches(tmp_path, embedder, keys):
             counts = store.forget(conn, "acme", "alice")
         assert counts == {"batches": 1, "batch_lines": 1}
         assert client.get(f"/v1/batches/{batch['id']}", headers=_auth(keys["alice"])).status_code == 404
+
+
+def test_batches_take_turns(tmp_path, embedder, keys, monkeypatch):
+    """A small batch created after a large one is done long before it: after a turn of
+    lines the large one goes behind the waiting one."""
+    monkeypatch.setattr(worker_module, "TURN_LINES", 4)
+    engine = ScriptedEngine(["a b c d e f g h"] * 60, served_model="scripted", max_model_len=1024, token_delay=0.01)
+    app, _, _ = _app(tmp_path, embedder, engine, batch_concurrency=1)
+    with TestClient(app) as client:
+        large = _create(client, keys["alice"], _upload(client, keys["alice"], [_line(f"l{i}", "long") for i in range(40)])).json()["id"]
+        _wait(client, keys["alice"], large, until=("in_progress",))
+        small = _create(client, keys["bob"], _upload(client, keys["bob"], [_line(f"s{i}", "short") for i in range(3)])).json()["id"]
+        done = _wait(client, keys["bob"], small)
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+        behind = client.get(f"/v1/batches/{large}", headers=_auth(keys["alice"])).json()
+        assert behind["status"] == "in_progress" and behind["request_counts"]["completed"] < 40
+        assert _wait(client, keys["alice"], large, timeout=60)["request_counts"]["completed"] == 40

@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.Column("cancelled_at", sa.Float(), nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_until", sa.Float(), nullable=True),
+        sa.Column("served_at", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_batches_tenant", "batches", ["tenant", "created_at"], unique=False)
