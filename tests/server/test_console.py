@@ -13,7 +13,6 @@ import json
 import re
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -252,14 +251,24 @@ def test_every_page_renders_for_the_operator_without_scripts(console):
         r = client.get(path)
         assert r.status_code == 200, (path, r.text[:500])
         assert "<script" not in r.text and r.headers["cache-control"] == "no-store"
-        assert '<main id="main"' in r.text and 'aria-current="page"' in r.text or path == "/console"
+        assert '<main id="main"' in r.text and 'aria-current="page"' in r.text
     assert client.get("/console/static/console.css").headers["content-type"].startswith("text/css")
 
 
-def test_routes_keep_their_scopes(tmp_path: Path):
+def test_routes_keep_their_scopes():
     from server.scopes import ROUTE_SCOPES, SIGNED_IN
 
     console_routes = {k: v for k, v in ROUTE_SCOPES.items() if k[1].startswith("/console")}
     assert console_routes[("POST", "/console/actions/{action_id}/approve")] == "actions"
     assert console_routes[("GET", "/console/actions")] == SIGNED_IN
     assert console_routes[("POST", "/console/memory/forget")] == "memory:admin"
+
+
+def test_without_keys_the_operator_at_the_machine_needs_no_sign_in_but_forms_still_need_their_token(tmp_path, embedder):
+    settings = load_settings(data_dir=tmp_path, rails=False, deployment="support")
+    with TestClient(create_app(settings, engine=ScriptedEngine(served_model="scripted", max_model_len=1024), embedder=embedder), follow_redirects=False) as client:
+        page = client.get("/console/actions")
+        assert page.status_code == 200 and "Actions" in page.text
+        token = _csrf(page.text)
+        assert client.post("/console/actions/act_x/approve", data={CSRF_FIELD: "0" * 64}).status_code == 403
+        assert client.post("/console/actions/act_x/approve", data={CSRF_FIELD: token}).status_code == 404  # past the checks: no such action
