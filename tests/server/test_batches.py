@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from server.app import create_app
 from server.auth import KeyStore
@@ -21,7 +21,7 @@ from server.batches import worker as worker_module
 from server.batches.lines import read_lines
 from server.batches.priority import QUIET_S, InteractiveTraffic
 from server.config import load_settings
-from server.db import batch_lines, connect, usage_records
+from server.db import batch_lines, batches, connect, usage_records
 from server.embedder import Embedder, packaged_model_dir
 from server.engine.scripted import ScriptedEngine
 
@@ -304,3 +304,25 @@ def test_batches_take_turns(tmp_path, embedder, keys, monkeypatch):
         behind = client.get(f"/v1/batches/{large}", headers=_auth(keys["alice"])).json()
         assert behind["status"] == "in_progress" and behind["request_counts"]["completed"] < 40
         assert _wait(client, keys["alice"], large, timeout=60)["request_counts"]["completed"] == 40
+
+
+def test_a_batch_past_its_window_expires_keeping_what_was_done(tmp_path, embedder, keys):
+    slow = ScriptedEngine(["a b c d e f g h"] * 12, served_model="scripted", max_model_len=1024, token_delay=0.03)
+    app, settings, _ = _app(tmp_path, embedder, slow, batch_concurrency=1)
+    with TestClient(app) as client:
+        batch_id = _create(client, keys["alice"], _upload(client, keys["alice"], [_line(f"x{i}", "hi") for i in range(12)])).json()["id"]
+        _wait(client, keys["alice"], batch_id, until=("in_progress",))
+        while client.get(f"/v1/batches/{batch_id}", headers=_auth(keys["alice"])).json()["request_counts"]["completed"] < 2:
+            time.sleep(0.02)
+    done = len(_done_lines(tmp_path, batch_id))
+    with connect(settings.resolved_database_url).begin() as conn:  # its 24 hours are over
+        conn.execute(update(batches).where(batches.c.id == batch_id).values(expires_at=time.time() - 1))
+    app, _, again = _app(tmp_path, embedder)
+    with TestClient(app) as client:
+        batch = _wait(client, keys["alice"], batch_id)
+        assert batch["status"] == "expired" and batch["expired_at"] is not None
+        assert batch["request_counts"] == {"total": 12, "completed": done, "failed": 12 - done}
+        assert len(_jsonl(client, keys["alice"], batch["output_file_id"])) == done
+        unrun = _jsonl(client, keys["alice"], batch["error_file_id"])
+        assert {e["error"]["code"] for e in unrun} == {"batch_expired"} and len(unrun) == 12 - done
+        assert again.calls == []  # nothing ran after the window
