@@ -150,7 +150,8 @@ class BatchStore:
                 anchor = self._row(conn, principal, after)
                 query = query.where(or_(b.created_at < anchor["created_at"], and_(b.created_at == anchor["created_at"], b.id < anchor["id"])))
             rows = [dict(r) for r in conn.execute(query.order_by(b.created_at.desc(), b.id.desc()).limit(limit + 1)).mappings()]
-            data = [self.public(r, self._cost(conn, r["id"])) for r in rows[:limit]]
+            costs = self._costs(conn, [r["id"] for r in rows[:limit]])
+            data = [self.public(r, costs.get(r["id"], 0.0)) for r in rows[:limit]]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
     def cancel(self, principal: Principal, batch_id: str) -> dict[str, Any]:
@@ -168,9 +169,19 @@ class BatchStore:
 
     @staticmethod
     def _cost(conn: Connection, batch_id: str) -> float:
-        """What the batch's lines were charged, from their turns' usage rows."""
-        done = select(batch_lines.c.request_id).where(batch_lines.c.batch_id == batch_id, batch_lines.c.request_id.is_not(None))
-        return float(conn.execute(select(func.coalesce(func.sum(usage_records.c.cost_usd), 0.0)).where(usage_records.c.request_id.in_(done))).scalar() or 0.0)
+        return BatchStore._costs(conn, [batch_id]).get(batch_id, 0.0)
+
+    @staticmethod
+    def _costs(conn: Connection, batch_ids: list[str]) -> dict[str, float]:
+        """What each batch's lines were charged, from their turns' usage rows (one query)."""
+        c, u = batch_lines.c, usage_records.c
+        query = (
+            select(c.batch_id, func.coalesce(func.sum(u.cost_usd), 0.0))
+            .join(usage_records, u.request_id == c.request_id)
+            .where(c.batch_id.in_(batch_ids))
+            .group_by(c.batch_id)
+        )
+        return {batch_id: float(cost) for batch_id, cost in conn.execute(query)}
 
     @staticmethod
     def public(row: dict[str, Any], cost_usd: float = 0.0) -> dict[str, Any]:
@@ -202,14 +213,6 @@ class BatchStore:
             "cost": {"usd": cost_usd},
         }
         return out
-
-    def summaries(self, tenant: str | None, limit: int = 50) -> list[dict[str, Any]]:
-        """The latest batches (of one tenant, or of all), for the console."""
-        query = select(batches).order_by(batches.c.created_at.desc()).limit(limit)
-        if tenant is not None:
-            query = query.where(batches.c.tenant == tenant)
-        with self.db.connect() as conn:
-            return [{**self.public(dict(r), self._cost(conn, r["id"])), "tenant": r["tenant"], "user": r["user"]} for r in conn.execute(query).mappings()]
 
     # ---------------------------------------------------------------- the worker's side
 

@@ -246,7 +246,7 @@ async def trace_page(trace_id: str, request: Request, principal: Principal = Dep
         for s in _tree_order(spans)
     ]
     root = next((s for s in spans if s["parent_id"] is None), spans[0])
-    turn = await api(request, principal, "GET", "/v1/traces", params={"q": trace_id, "limit": 1})
+    turn = await api(request, principal, "GET", "/v1/traces", params={"trace_id": trace["id"], "limit": 1})
     rails = turn["data"][0]["rails"] if turn["data"] else []
     return render(request, "trace.html", principal, active="turns", trace=trace, rows=rows, root=root, rails=rails, total_ms=total * 1000)
 

@@ -23,6 +23,7 @@ _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 async def list_turns(
     request: Request,
     q: str | None = Query(None, max_length=200, description="matches the user, the trace id or any (masked) attribute"),
+    trace_id: str | None = Query(None, max_length=32, description="one turn, by its trace id"),
     outcome: str | None = Query(None, max_length=64),
     rail: str | None = Query(None, max_length=128, description="only turns in which this rail acted"),
     before: float | None = Query(None, description="Unix seconds: turns that started earlier (paging)"),
@@ -38,7 +39,7 @@ async def list_turns(
         tracing.flush()
         # Filters on what only the attributes or the audit know narrow a wider window.
         wide = limit * 5 if (outcome or rail) else limit
-        turns = tracing.store.turns(principal.tenant, q, before, wide)
+        turns = tracing.store.turns(principal.tenant, q, before, wide, trace_id.lower() if trace_id else None)
         fired = runtime.guard_audit.fired([t["request_id"] for t in turns if t["request_id"]])
         for t in turns:
             t["rails"] = fired.get(t["request_id"], [])

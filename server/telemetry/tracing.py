@@ -273,13 +273,16 @@ class TraceStore:
         ids = select(trace_spans.c.trace_id).where(trace_spans.c.tenant == tenant, trace_spans.c.user == user).scalar_subquery()
         return {"trace_spans": conn.execute(delete(trace_spans).where(trace_spans.c.trace_id.in_(ids))).rowcount or 0}
 
-    def turns(self, tenant: str | None, q: str | None = None, before: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def turns(self, tenant: str | None, q: str | None = None, before: float | None = None, limit: int = 50, trace_id: str | None = None) -> list[dict[str, Any]]:
         """Turns newest first, from their root spans (the only spans naming a tenant):
-        `q` matches the user, the trace id or any (masked) attribute; `before` pages."""
+        `q` matches the user, the trace id or any (masked) attribute; `before` pages;
+        `trace_id` is one turn (by the index)."""
         c = trace_spans.c
         query = select(trace_spans).where(c.tenant.is_not(None))
         if tenant is not None:
             query = query.where(c.tenant == tenant)
+        if trace_id is not None:
+            query = query.where(c.trace_id == trace_id)
         if before is not None:
             query = query.where(c.start_time < before)
         if q:

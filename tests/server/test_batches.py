@@ -77,6 +77,17 @@ def _wait(client, key: str, batch_id: str, until=("completed", "failed", "cancel
     raise AssertionError(f"batch {batch_id} still {batch['status']}")
 
 
+def _answering(client, key: str, lines: list, answered: int) -> str:
+    """A batch of `lines`, once `answered` of them are."""
+    batch_id = _create(client, key, _upload(client, key, lines)).json()["id"]
+    _wait(client, key, batch_id, until=("in_progress",))
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/batches/{batch_id}", headers=_auth(key)).json()["request_counts"]["completed"] < answered:
+        assert time.monotonic() < deadline, f"batch {batch_id} answered fewer than {answered} lines"
+        time.sleep(0.02)
+    return batch_id
+
+
 def _jsonl(client, key: str, file_id: str | None) -> list[dict]:
     if file_id is None:
         return []
@@ -211,11 +222,7 @@ def test_cancelling_stops_the_batch_and_keeps_what_was_done(tmp_path, embedder, 
     engine = ScriptedEngine(["a b c d e f g h"] * 20, served_model="scripted", max_model_len=1024, token_delay=0.03)
     app, _, _ = _app(tmp_path, embedder, engine, batch_concurrency=1)
     with TestClient(app) as client:
-        lines = [_line(f"c{i}", "hi") for i in range(20)]
-        batch_id = _create(client, keys["alice"], _upload(client, keys["alice"], lines)).json()["id"]
-        _wait(client, keys["alice"], batch_id, until=("in_progress",))
-        while client.get(f"/v1/batches/{batch_id}", headers=_auth(keys["alice"])).json()["request_counts"]["completed"] < 1:
-            time.sleep(0.02)
+        batch_id = _answering(client, keys["alice"], [_line(f"c{i}", "hi") for i in range(20)], 1)
         r = client.post(f"/v1/batches/{batch_id}/cancel", headers=_auth(keys["alice"]))
         assert r.status_code == 200 and r.json()["status"] == "cancelling" and r.json()["cancelling_at"] is not None
         assert client.post(f"/v1/batches/{batch_id}/cancel", headers=_auth(keys["alice"])).json()["status"] == "cancelling"
@@ -250,10 +257,7 @@ def test_a_batch_goes_on_after_a_restart_answering_each_line_once(tmp_path, embe
     slow = ScriptedEngine(["a b c d e f g h"] * 12, served_model="scripted", max_model_len=1024, token_delay=0.03)
     app, _, _ = _app(tmp_path, embedder, slow, batch_concurrency=1)
     with TestClient(app) as client:
-        batch_id = _create(client, keys["alice"], _upload(client, keys["alice"], [_line(f"s{i}", f"question {i}") for i in range(12)])).json()["id"]
-        _wait(client, keys["alice"], batch_id, until=("in_progress",))
-        while client.get(f"/v1/batches/{batch_id}", headers=_auth(keys["alice"])).json()["request_counts"]["completed"] < 3:
-            time.sleep(0.02)
+        batch_id = _answering(client, keys["alice"], [_line(f"s{i}", f"question {i}") for i in range(12)], 3)
     # The server stopped mid-batch; a new one on the same database goes on.
     before = _done_lines(tmp_path, batch_id)
     assert 3 <= len(before) < 12
@@ -310,10 +314,7 @@ def test_a_batch_past_its_window_expires_keeping_what_was_done(tmp_path, embedde
     slow = ScriptedEngine(["a b c d e f g h"] * 12, served_model="scripted", max_model_len=1024, token_delay=0.03)
     app, settings, _ = _app(tmp_path, embedder, slow, batch_concurrency=1)
     with TestClient(app) as client:
-        batch_id = _create(client, keys["alice"], _upload(client, keys["alice"], [_line(f"x{i}", "hi") for i in range(12)])).json()["id"]
-        _wait(client, keys["alice"], batch_id, until=("in_progress",))
-        while client.get(f"/v1/batches/{batch_id}", headers=_auth(keys["alice"])).json()["request_counts"]["completed"] < 2:
-            time.sleep(0.02)
+        batch_id = _answering(client, keys["alice"], [_line(f"x{i}", "hi") for i in range(12)], 2)
     done = len(_done_lines(tmp_path, batch_id))
     with connect(settings.resolved_database_url).begin() as conn:  # its 24 hours are over
         conn.execute(update(batches).where(batches.c.id == batch_id).values(expires_at=time.time() - 1))
